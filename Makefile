@@ -1,0 +1,41 @@
+# Two entry points: `make suite` runs the default sweep, `make test` runs the tests.
+# Both create .venv if missing, install the suite, and make the default data available.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+FMNIST_DEB_DIR := /usr/share/datasets/fashion-mnist
+SUITE_ARGS ?= --methods all --seeds 5
+
+.PHONY: suite test venv data clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
+
+$(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml
+	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist; skipped when the files are already there.
+data:
+	@if [ -f $(FMNIST_DEB_DIR)/train-images-idx3-ubyte.gz ] || [ -f data/fashion-mnist/train-images-idx3-ubyte.gz ]; then \
+		echo "Fashion-MNIST: found"; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null; \
+	elif command -v apt-get >/dev/null 2>&1 && command -v sudo >/dev/null 2>&1; then \
+		(sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist) >/dev/null; \
+	else \
+		$(BIN)/python -c "import torchvision; torchvision.datasets.FashionMNIST('data', download=True)" && \
+		mkdir -p data/fashion-mnist && cp data/FashionMNIST/raw/*.gz data/fashion-mnist/; \
+	fi
+
+suite: venv data
+	$(BIN)/python run_suite.py $(SUITE_ARGS)
+
+test: venv data
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) results
