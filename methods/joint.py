@@ -1,0 +1,47 @@
+"""`joint`: the upper bound. The frozen backbone and a linear head trained once on the union of
+all tasks (offline, all classes at once), as Avalanche's `JointTraining` does.
+
+Its accuracy matrix is filled from that single model: acc[j][i] is its accuracy on task j for
+every i >= j (the runner evaluates it once), so CAA equals FAA and FFM = BWT = 0 by construction.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from avalanche.benchmarks.utils.utils import concat_datasets
+
+from .base import Hparams, PromptStrategy
+from .registry import register
+
+
+@dataclass
+class JointHparams(Hparams):
+    epochs: int = 5
+    lr: float = 1e-3
+
+
+@register("joint")
+class Joint(PromptStrategy):
+    description = "upper bound: frozen ViT + linear head trained on all tasks at once"
+    Hparams = JointHparams
+    DEFAULTS = {
+        "fmnist-5t": dict(epochs=2, batch_size=32, lr=1e-2),
+    }
+    passes_train = 1
+    passes_test = 1
+    trains_jointly = True
+
+    def train(self, experiences, eval_streams=None, **kwargs):
+        """Train once on the concatenation of `experiences` (a list: the whole train stream)."""
+        self._joint = list(experiences) if isinstance(experiences, (list, tuple)) else [experiences]
+        classes = sorted({int(c) for e in self._joint for c in e.classes_in_this_experience})
+        self._joint_classes = classes
+        return super().train(self._joint[0], eval_streams=[] if eval_streams is None else eval_streams, **kwargs)
+
+    def train_dataset_adaptation(self, **kwargs):
+        self.adapted_dataset = concat_datasets([e.dataset for e in self._joint]).train()
+
+    def check_model_and_optimizer(self, **kwargs):
+        self.current_classes = list(self._joint_classes)
+        self.seen_classes = list(self._joint_classes)
+        super().check_model_and_optimizer(**kwargs)
