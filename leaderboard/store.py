@@ -1,0 +1,252 @@
+"""The run store: one SQLite file holding every complete RunRecord (docs/CONTRACTS.md).
+
+Why SQLite from the standard library: a sweep must be able to skip keys it already has, survive
+being killed half-way, and be copied around as one file; the leaderboard is rebuilt from it
+without running anything. The record itself is kept verbatim as JSON; a few columns are pulled
+out only to filter on.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sqlite3
+from collections.abc import Iterable, Iterator, Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+__all__ = ["RunStore", "RecordError", "REQUIRED_FIELDS", "REQUIRED_METRICS", "validate_record",
+           "export_csv", "CSV_COLUMNS"]
+
+#: Fields without which a record cannot be placed in a table or reproduced.
+REQUIRED_FIELDS: tuple[str, ...] = (
+    "key", "protocol", "backbone", "method", "label", "table", "seed",
+    "spec", "metrics", "acc_matrix", "class_order", "created",
+)
+#: Metrics every table and test is built from (percent).
+REQUIRED_METRICS: tuple[str, ...] = ("faa", "caa", "ffm", "bwt")
+
+#: Filter names accepted by ``RunStore.records`` -> column.
+_FILTER_COLUMNS = {"key": "key", "protocol": "protocol", "backbone": "backbone", "method": "method",
+                   "label": "label", "table": "tbl", "tbl": "tbl", "seed": "seed"}
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    key      TEXT PRIMARY KEY,
+    protocol TEXT NOT NULL,
+    backbone TEXT NOT NULL,
+    method   TEXT NOT NULL,
+    label    TEXT NOT NULL,
+    tbl      TEXT NOT NULL,
+    seed     INTEGER NOT NULL,
+    created  TEXT NOT NULL,
+    record   TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS runs_group ON runs (protocol, backbone, tbl, label, seed);
+"""
+
+
+class RecordError(ValueError):
+    """A record that does not follow the RunRecord contract; nothing was stored."""
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+
+
+def validate_record(record: Mapping[str, Any]) -> None:
+    """Raise RecordError naming every problem, so an incomplete run never reaches the leaderboard."""
+    if not isinstance(record, Mapping):
+        raise RecordError(f"a run record must be a dict (docs/CONTRACTS.md), got {type(record).__name__}")
+    problems: list[str] = []
+    missing = [f for f in REQUIRED_FIELDS if f not in record or record[f] is None]
+    if missing:
+        problems.append(f"missing fields {missing}")
+    for f in ("key", "protocol", "backbone", "method", "label", "table", "created"):
+        if f in record and record[f] is not None and (not isinstance(record[f], str) or not record[f]):
+            problems.append(f"{f!r} must be a non-empty string, got {record[f]!r}")
+    seed = record.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        problems.append(f"'seed' must be an int, got {seed!r}")
+    table = record.get("table")
+    if isinstance(table, str) and table and table != "main" and not (
+            table.startswith("ablation:") and len(table) > len("ablation:")):
+        problems.append(f"'table' must be 'main' or 'ablation:<name>', got {table!r}")
+    metrics = record.get("metrics")
+    if metrics is not None:
+        if not isinstance(metrics, Mapping):
+            problems.append(f"'metrics' must be a dict, got {type(metrics).__name__}")
+        else:
+            bad = [m for m in REQUIRED_METRICS if not _is_number(metrics.get(m))]
+            if bad:
+                problems.append(f"metrics {bad} missing or not finite numbers (have {dict(metrics)})")
+    matrix = record.get("acc_matrix")
+    if matrix is not None and (not isinstance(matrix, list) or not matrix
+                               or any(not isinstance(r, list) or len(r) != len(matrix) for r in matrix)):
+        problems.append("'acc_matrix' must be a non-empty square T x T list of lists")
+    if problems:
+        who = record.get("key", "<no key>")
+        raise RecordError(f"run record {who!r} rejected: " + "; ".join(problems))
+
+
+class RunStore:
+    """Complete runs keyed by the hash of their resolved spec.
+
+    Each call opens its own short connection, so a store object can be shared by a driver loop
+    and pickled to workers without holding a file handle; only the driver is meant to write.
+    """
+
+    def __init__(self, path: str | Path = "results/suite.sqlite") -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as conn:
+            conn.executescript(_SCHEMA)
+
+    def __repr__(self) -> str:
+        return f"RunStore({str(self.path)!r})"
+
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        conn = sqlite3.connect(self.path, timeout=30.0)
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+    # -- writing -------------------------------------------------------------------------------
+    def put(self, record: Mapping[str, Any], overwrite: bool = True) -> None:
+        """Store one complete run atomically.
+
+        A key already present is replaced (a run is a pure function of its spec, so a repeat is
+        the same run); pass ``overwrite=False`` to get an error instead.
+        """
+        self.put_many([record], overwrite=overwrite)
+
+    def put_many(self, records: Iterable[Mapping[str, Any]], overwrite: bool = True) -> int:
+        """Store several runs in one transaction: all of them or, on any error, none."""
+        rows = []
+        for rec in records:
+            validate_record(rec)
+            try:
+                blob = json.dumps(rec, sort_keys=True, allow_nan=False)
+            except (TypeError, ValueError) as e:
+                raise RecordError(f"run record {rec.get('key')!r} is not plain JSON: {e}") from None
+            rows.append((rec["key"], rec["protocol"], rec["backbone"], rec["method"], rec["label"],
+                         rec["table"], int(rec["seed"]), rec["created"], blob))
+        if not rows:
+            return 0
+        verb = "INSERT OR REPLACE" if overwrite else "INSERT"
+        with self._connect() as conn:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.executemany(
+                    f"{verb} INTO runs (key, protocol, backbone, method, label, tbl, seed, created, record)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                conn.commit()
+            except BaseException as e:  # KeyboardInterrupt included: leave nothing half-written
+                conn.rollback()
+                if isinstance(e, sqlite3.IntegrityError) and not overwrite:
+                    raise RecordError(f"a run with one of the keys {[r[0] for r in rows]} is already stored "
+                                      "(pass overwrite=True to replace it)") from None
+                raise
+        return len(rows)
+
+    def delete(self, key: str) -> bool:
+        """Remove one run (e.g. one found to be wrong); True if it existed."""
+        with self._connect() as conn, conn:
+            return conn.execute("DELETE FROM runs WHERE key = ?", (key,)).rowcount > 0
+
+    # -- reading -------------------------------------------------------------------------------
+    def has(self, key: str) -> bool:
+        """Whether a complete run with this key is stored (a sweep skips it)."""
+        with self._connect() as conn:
+            return conn.execute("SELECT 1 FROM runs WHERE key = ?", (key,)).fetchone() is not None
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        """The stored record for ``key``, or None."""
+        with self._connect() as conn:
+            row = conn.execute("SELECT record FROM runs WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self.has(key)
+
+    def keys(self) -> list[str]:
+        with self._connect() as conn:
+            return [r[0] for r in conn.execute("SELECT key FROM runs ORDER BY key")]
+
+    def __len__(self) -> int:
+        with self._connect() as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0])
+
+    def records(self, **filters: Any) -> list[dict[str, Any]]:
+        """Records matching all filters, ordered by protocol, backbone, table, label, seed.
+
+        Filters: key, protocol, backbone, method, label, table, seed; a value may be a single
+        value or a list/tuple/set meaning "any of these".
+        """
+        where, args = [], []
+        for name, value in filters.items():
+            col = _FILTER_COLUMNS.get(name)
+            if col is None:
+                raise ValueError(f"unknown filter {name!r}; valid filters: {sorted(set(_FILTER_COLUMNS) - {'tbl'})}")
+            if isinstance(value, (list, tuple, set, frozenset)):
+                values = list(value)
+                if not values:
+                    return []
+                where.append(f"{col} IN ({', '.join('?' * len(values))})")
+                args.extend(values)
+            else:
+                where.append(f"{col} = ?")
+                args.append(value)
+        sql = "SELECT record FROM runs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY protocol, backbone, tbl, label, seed, created, key"
+        with self._connect() as conn:
+            return [json.loads(r[0]) for r in conn.execute(sql, args)]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.records())
+
+
+#: Columns of export_csv, in order.
+CSV_COLUMNS: tuple[str, ...] = (
+    "protocol", "backbone", "method", "label", "table", "seed", "key",
+    "faa", "caa", "ffm", "bwt", "final_acc", "train_s", "eval_s", "total_s", "trainable_params",
+)
+
+
+def export_csv(records: Iterable[Mapping[str, Any]], path: str | Path) -> "pandas.DataFrame":  # noqa: F821
+    """Write one row per run (for spreadsheets and ad-hoc analysis); returns the frame written.
+
+    Fields a record lacks (e.g. no timings) are left empty rather than guessed.
+    """
+    import pandas as pd
+
+    rows = []
+    for r in records:
+        metrics = r.get("metrics") or {}
+        timings = r.get("timings") or {}
+        cost = r.get("cost") or {}
+        rows.append({
+            "protocol": r.get("protocol"), "backbone": r.get("backbone"), "method": r.get("method"),
+            "label": r.get("label"), "table": r.get("table"), "seed": r.get("seed"), "key": r.get("key"),
+            **{m: metrics.get(m) for m in ("faa", "caa", "ffm", "bwt", "final_acc")},
+            **{t: timings.get(t) for t in ("train_s", "eval_s", "total_s")},
+            "trainable_params": cost.get("trainable_params"),
+        })
+    df = pd.DataFrame(rows, columns=list(CSV_COLUMNS))
+    if not df.empty:
+        df["seed"] = df["seed"].astype("Int64")
+        df["trainable_params"] = pd.to_numeric(df["trainable_params"]).astype("Int64")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(path, index=False)
+    return df
+
+
+def utc_now() -> str:
+    """ISO time used for ``created`` and for generation stamps."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
