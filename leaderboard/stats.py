@@ -1,0 +1,262 @@
+"""Statistics for the leaderboard, computed from stored records alone (specs/protocols.md §6).
+
+Why these tests: runs with the same seed share the class order, so methods are compared paired
+by seed. With 5 seeds a two-sided Wilcoxon signed-rank test cannot go below p = 0.0625, so the
+paired t-test is used, with the mean difference, its 95% CI and Cohen's d_z, Holm-corrected over
+the comparisons of one table. Across protocols: average ranks, Friedman test and Nemenyi critical
+difference as in Demsar (2006), JMLR 7:1-30.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats as sps
+
+__all__ = ["runs_frame", "aggregate", "paired_tests", "friedman", "FriedmanResult",
+           "HIGHER_IS_BETTER", "wilcoxon_min_p"]
+
+#: Direction of each metric: forgetting (FFM) is better when lower.
+HIGHER_IS_BETTER: dict[str, bool] = {"faa": True, "caa": True, "ffm": False, "bwt": True, "final_acc": True}
+_METRICS = ("faa", "caa", "ffm", "bwt", "final_acc")
+_GROUP = ["protocol", "backbone", "table"]
+
+
+def _better(metric: str) -> bool:
+    if metric not in HIGHER_IS_BETTER:
+        raise ValueError(f"unknown metric {metric!r}; valid: {sorted(HIGHER_IS_BETTER)}")
+    return HIGHER_IS_BETTER[metric]
+
+
+def wilcoxon_min_p(n: int) -> float:
+    """Smallest two-sided exact Wilcoxon signed-rank p-value reachable with n pairs: 2 / 2**n."""
+    return 2.0 / 2 ** n
+
+
+def runs_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
+    """One row per run (flattened metrics, cost, timings), one run per (group, label, seed).
+
+    If the same (protocol, backbone, table, label, seed) was stored twice under different keys
+    (e.g. after a code change), only the most recently created run is kept, with a warning, so
+    that a seed is never counted twice.
+    """
+    rows = []
+    for r in records:
+        m = r.get("metrics") or {}
+        cost = r.get("cost") or {}
+        tim = r.get("timings") or {}
+        rows.append({
+            "key": r.get("key"), "protocol": r.get("protocol"), "backbone": r.get("backbone"),
+            "table": r.get("table", "main"), "label": r.get("label") or r.get("method"),
+            "method": r.get("method"), "seed": r.get("seed"), "created": r.get("created") or "",
+            **{k: (float(m[k]) if m.get(k) is not None else np.nan) for k in _METRICS},
+            "trainable_params": cost.get("trainable_params", np.nan),
+            "passes_train": cost.get("passes_train", np.nan),
+            "passes_test": cost.get("passes_test", np.nan),
+            "train_s": tim.get("train_s", np.nan),
+            "eval_s": tim.get("eval_s", np.nan),
+            "total_s": tim.get("total_s", np.nan),
+        })
+    cols = ["key", *_GROUP, "label", "method", "seed", "created", *_METRICS, "trainable_params",
+            "passes_train", "passes_test", "train_s", "eval_s", "total_s"]
+    df = pd.DataFrame(rows, columns=cols)
+    if df.empty:
+        return df
+    for c in ["trainable_params", "passes_train", "passes_test", "train_s", "eval_s", "total_s"]:
+        df[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
+    df = df.sort_values([*_GROUP, "label", "seed", "created", "key"], kind="stable")
+    dup = df.duplicated([*_GROUP, "label", "seed"], keep="last")
+    if dup.any():
+        d = df[dup]
+        warnings.warn(f"{int(dup.sum())} run(s) repeat a (protocol, backbone, table, label, seed) already "
+                      f"stored; keeping the most recent, dropping keys {d['key'].tolist()}", stacklevel=2)
+        df = df[~dup]
+    return df.reset_index(drop=True)
+
+
+def aggregate(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
+    """Mean and sample std (ddof=1; 0 with one seed) over seeds per (protocol, backbone, table, label).
+
+    Columns: protocol, backbone, table, label, method, n, seeds, <metric>_mean, <metric>_std for
+    faa, caa, ffm, bwt, final_acc, and the cost columns (trainable_params, passes_train,
+    passes_test: median over seeds; train_s, eval_s, total_s: mean) which stay NaN when no record
+    carries them.
+    """
+    df = runs_frame(records)
+    out_cols = [*_GROUP, "label", "method", "n", "seeds"]
+    for m in _METRICS:
+        out_cols += [f"{m}_mean", f"{m}_std"]
+    out_cols += ["trainable_params", "passes_train", "passes_test", "train_s", "eval_s", "total_s"]
+    if df.empty:
+        return pd.DataFrame(columns=out_cols)
+    rows = []
+    for (p, b, t, lab), g in df.groupby([*_GROUP, "label"], sort=True):
+        row: dict[str, Any] = {"protocol": p, "backbone": b, "table": t, "label": lab,
+                               "method": ", ".join(sorted(set(g["method"].dropna()))),
+                               "n": int(g["seed"].nunique()), "seeds": sorted(int(s) for s in g["seed"])}
+        for m in _METRICS:
+            v = g[m].dropna().to_numpy(dtype=float)
+            row[f"{m}_mean"] = float(v.mean()) if len(v) else np.nan
+            row[f"{m}_std"] = float(v.std(ddof=1)) if len(v) > 1 else (0.0 if len(v) else np.nan)
+        for c in ("trainable_params", "passes_train", "passes_test"):
+            v = g[c].dropna()
+            row[c] = float(v.median()) if len(v) else np.nan
+        for c in ("train_s", "eval_s", "total_s"):
+            v = g[c].dropna()
+            row[c] = float(v.mean()) if len(v) else np.nan
+        rows.append(row)
+    return pd.DataFrame(rows, columns=out_cols)
+
+
+def _pick_reference(means: Mapping[str, float], requested: str | None, metric: str) -> str:
+    if requested is not None and requested in means:
+        return requested
+    if "smope" in means:
+        return "smope"
+    finite = {k: v for k, v in means.items() if not math.isnan(v)}
+    pool = finite or dict(means)
+    hib = _better(metric)
+    # best mean; ties broken by label so the choice is deterministic
+    return sorted(pool, key=lambda k: ((-pool[k] if hib else pool[k]), k))[0]
+
+
+def paired_tests(records: Iterable[Mapping[str, Any]], reference_label: str | None = None,
+                 metric: str = "faa", alpha: float = 0.05) -> pd.DataFrame:
+    """Each label against a reference, paired by seed, per (protocol, backbone, table).
+
+    The reference is ``reference_label`` where that table has it, else "smope" if present, else the
+    label with the best mean ``metric``. Only seeds both have are used; comparisons with fewer
+    than 2 common seeds are skipped. diff = label - reference, so a negative FAA difference means
+    the label is worse than the reference. p_holm is Holm-corrected over the comparisons of one
+    table; d_z = mean(diff) / sd(diff).
+    """
+    _better(metric)
+    df = runs_frame(records)
+    cols = [*_GROUP, "metric", "reference", "label", "method", "n", "seeds", "mean_reference", "mean_label",
+            "mean_diff", "ci_low", "ci_high", "t", "p", "p_holm", "d_z", "significant"]
+    if df.empty:
+        return pd.DataFrame(columns=cols)
+    from statsmodels.stats.multitest import multipletests
+
+    out = []
+    for (p, b, t), g in df.groupby(_GROUP, sort=True):
+        means = g.groupby("label")[metric].mean().to_dict()
+        ref = _pick_reference(means, reference_label, metric)
+        ref_by_seed = g[g["label"] == ref].set_index("seed")[metric].dropna()
+        rows = []
+        for lab, h in g[g["label"] != ref].groupby("label", sort=True):
+            by_seed = h.set_index("seed")[metric].dropna()
+            seeds = sorted(set(by_seed.index) & set(ref_by_seed.index))
+            n = len(seeds)
+            if n < 2:
+                continue
+            x = by_seed.loc[seeds].to_numpy(dtype=float)
+            y = ref_by_seed.loc[seeds].to_numpy(dtype=float)
+            d = x - y
+            md, sd = float(d.mean()), float(d.std(ddof=1))
+            if sd > 0:
+                res = sps.ttest_rel(x, y)
+                tstat, pval = float(res.statistic), float(res.pvalue)
+                half = float(sps.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+                dz = md / sd
+            else:  # identical differences on every seed: no variance to test against
+                tstat = pval = dz = math.nan
+                half = 0.0
+            rows.append({"protocol": p, "backbone": b, "table": t, "metric": metric, "reference": ref,
+                         "label": lab, "method": ", ".join(sorted(set(h["method"].dropna()))), "n": n,
+                         "seeds": [int(s) for s in seeds], "mean_reference": float(y.mean()),
+                         "mean_label": float(x.mean()), "mean_diff": md, "ci_low": md - half,
+                         "ci_high": md + half, "t": tstat, "p": pval, "d_z": dz})
+        finite = [i for i, r in enumerate(rows) if not math.isnan(r["p"])]
+        holm = multipletests([rows[i]["p"] for i in finite], alpha=alpha, method="holm")[1] if finite else []
+        for r in rows:
+            r["p_holm"] = math.nan
+        for i, ph in zip(finite, holm):
+            rows[i]["p_holm"] = float(ph)
+        for r in rows:
+            r["significant"] = bool(not math.isnan(r["p_holm"]) and r["p_holm"] < alpha)
+        out.extend(rows)
+    return pd.DataFrame(out, columns=cols)
+
+
+@dataclass
+class FriedmanResult:
+    """Average ranks across blocks (protocol x backbone), Friedman test and Nemenyi CD.
+
+    ``statistic``, ``p`` and ``cd`` are None when the design is too small (``reason`` says why).
+    """
+
+    metric: str
+    table: str
+    blocks: list[tuple[str, str]]
+    labels: list[str]
+    avg_ranks: dict[str, float]
+    scores: pd.DataFrame  # blocks x labels, seed-mean metric
+    statistic: float | None = None
+    p: float | None = None
+    cd: float | None = None
+    q_alpha: float | None = None
+    alpha: float = 0.05
+    dropped_labels: list[str] = field(default_factory=list)
+    reason: str | None = None
+
+    @property
+    def k(self) -> int:
+        return len(self.labels)
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.blocks)
+
+
+def friedman(records: Iterable[Mapping[str, Any]], metric: str = "faa", table: str = "main",
+             alpha: float = 0.05) -> FriedmanResult | None:
+    """Rank methods across protocols (Demsar 2006).
+
+    Blocks are (protocol, backbone) pairs, each scored by the seed-mean ``metric``: the seeds of
+    one protocol are repeated measurements of one data set, not independent data sets, and using
+    them as blocks would overstate the evidence. Only labels present in every block are ranked
+    (a complete design); others are listed in ``dropped_labels``. Rank 1 is best (ties share the
+    average rank). The Friedman test needs >= 3 labels and >= 2 blocks; the Nemenyi critical
+    difference is CD = q_alpha * sqrt(k (k + 1) / (6 N)) with
+    q_alpha = studentized_range.ppf(1 - alpha, k, inf) / sqrt(2).
+    Returns None when there are no runs for ``table``.
+    """
+    hib = _better(metric)
+    df = runs_frame(records)
+    if df.empty:
+        return None
+    df = df[df["table"] == table]
+    if df.empty:
+        return None
+    scores = df.groupby(["protocol", "backbone", "label"])[metric].mean().unstack("label")
+    all_labels = sorted(scores.columns)
+    complete = scores.dropna(axis=1, how="any")
+    labels = sorted(complete.columns)
+    dropped = [lab for lab in all_labels if lab not in labels]
+    blocks = [tuple(ix) for ix in complete.index]
+    res = FriedmanResult(metric=metric, table=table, blocks=blocks, labels=labels, avg_ranks={},
+                         scores=complete[labels], alpha=alpha, dropped_labels=dropped)
+    if not labels:
+        res.reason = "no label has runs in every protocol x backbone block"
+        return res
+    vals = complete[labels].to_numpy(dtype=float)
+    ranks = sps.rankdata(-vals if hib else vals, axis=1)  # rank 1 = best
+    res.avg_ranks = {lab: float(r) for lab, r in zip(labels, ranks.mean(axis=0))}
+    k, n = len(labels), len(blocks)
+    if k < 3 or n < 2:
+        res.reason = f"Friedman test needs >= 3 methods and >= 2 protocol x backbone blocks (have {k} and {n})"
+        return res
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        stat, p = sps.friedmanchisquare(*[vals[:, i] for i in range(k)])
+    res.statistic = float(stat)
+    res.p = float(p)
+    res.q_alpha = float(sps.studentized_range.ppf(1 - alpha, k, np.inf) / math.sqrt(2))
+    res.cd = res.q_alpha * math.sqrt(k * (k + 1) / (6.0 * n))
+    return res
