@@ -1,0 +1,22 @@
+"""Data for promptcl: readers of the real on-disk formats, class orders and Avalanche streams.
+
+``build_stream`` is the one entry point the runner uses (docs/CONTRACTS.md); the readers
+(``load_*``) and ``subsample_indices`` / ``unused_indices`` are public for scripts that need the
+same bytes outside a stream (e.g. pretraining the tiny backbone on images the stream never uses).
+This package never imports ``methods``, ``protocols`` or ``leaderboard``.
+"""
+
+from .cifar100 import load_cifar100
+from .common import DataNotFoundError, LoadedData
+from .cub200 import load_cub200
+from .fashion_mnist import load_fashion_mnist
+from .imagenet_r import load_imagenet_r
+from .streams import (DATASETS, SUBSAMPLE_SEED, StreamInfo, build_stream, class_order, classes_per_exp,
+                      subsample_indices, unused_indices)
+from .transforms import build_transforms
+
+__all__ = [
+    "DATASETS", "DataNotFoundError", "LoadedData", "StreamInfo", "SUBSAMPLE_SEED", "build_stream",
+    "build_transforms", "class_order", "classes_per_exp", "load_cifar100", "load_cub200",
+    "load_fashion_mnist", "load_imagenet_r", "subsample_indices", "unused_indices",
+]

@@ -1,0 +1,179 @@
+"""Shared pieces of the readers: the missing-data error, the two dataset kinds, hashing, caching.
+
+Readers return plain map-style datasets (``(x, y)`` samples, a ``.targets`` list of ints) that
+Avalanche wraps later in ``streams.py``; keeping them Avalanche-free lets a pretraining script or
+a notebook use the same bytes the benchmark uses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+#: Where data lives when the caller gives no ``data_root``: ``$PROMPTCL_DATA_ROOT``, else ``./data``
+#: (the folder the Makefile's ``data`` target fills).
+DEFAULT_DATA_ROOT_ENV = "PROMPTCL_DATA_ROOT"
+#: Where files the suite derives from data (the ImageNet-R split) go when the data folder is
+#: read-only: ``$PROMPTCL_CACHE``, else ``$XDG_CACHE_HOME/promptcl``, else ``~/.cache/promptcl``.
+CACHE_ENV = "PROMPTCL_CACHE"
+
+
+class DataNotFoundError(FileNotFoundError):
+    """A data set is not on disk; the message names every path tried and how to get the data."""
+
+    def __init__(self, dataset: str, paths_tried: Sequence[str | os.PathLike], how_to_get: str):
+        self.dataset = dataset
+        self.paths_tried = [str(p) for p in paths_tried]
+        self.how_to_get = how_to_get
+        tried = "\n".join(f"  - {p}" for p in self.paths_tried) or "  (no candidate path)"
+        super().__init__(f"{dataset}: data not found. Looked in:\n{tried}\n{how_to_get}")
+
+    def __reduce__(self):  # keep it picklable across Ray / Slurm / worker processes
+        return (type(self), (self.dataset, self.paths_tried, self.how_to_get))
+
+
+def resolve_data_root(data_root: str | os.PathLike | None) -> Path:
+    """``data_root`` or, when None, ``$PROMPTCL_DATA_ROOT`` or ``./data``."""
+    if data_root is None:
+        data_root = os.environ.get(DEFAULT_DATA_ROOT_ENV, "data")
+    return Path(data_root).expanduser()
+
+
+def cache_dir() -> Path:
+    """Writable folder for derived files when the data folder is read-only."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "promptcl"
+
+
+def sha256_bytes(*chunks: bytes | memoryview) -> str:
+    """Hash of several byte strings, each prefixed by its length so boundaries can't shift."""
+    h = hashlib.sha256()
+    for c in chunks:
+        h.update(memoryview(c).nbytes.to_bytes(8, "little"))
+        h.update(c)
+    return h.hexdigest()
+
+
+def sha256_lines(lines: Iterable[str]) -> str:
+    """Hash of text lines joined by ``\\n``; used for file lists, so the hash follows content."""
+    h = hashlib.sha256()
+    for line in lines:
+        h.update(line.encode("utf-8"))
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def file_stamp(paths: Iterable[Path]) -> tuple:
+    """(path, size, mtime) of each file: a cheap cache key that changes when a file is replaced."""
+    out = []
+    for p in paths:
+        st = p.stat()
+        out.append((str(p.resolve()), st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+class ArrayImageDataset(torch.utils.data.Dataset):
+    """Images held as one uint8 array in memory (CIFAR, Fashion-MNIST).
+
+    ``images`` is N x H x W (grayscale) or N x H x W x C. In ``"pil"`` mode a sample is a PIL image,
+    so torchvision's PIL resizing matches the reference code; in ``"tensor"`` mode it is a uint8
+    C x H x W tensor view, which costs nothing to produce and suits the no-resize path (the tiny
+    backbone at the native 28 px) where a PIL round trip would dominate the data time.
+    """
+
+    def __init__(self, images: np.ndarray, targets: Sequence[int], mode: str = "pil"):
+        if mode not in ("pil", "tensor"):
+            raise ValueError(f"mode must be 'pil' or 'tensor', got {mode!r}")
+        if images.dtype != np.uint8 or images.ndim not in (3, 4):
+            raise ValueError(f"expected uint8 N x H x W [x C] images, got {images.dtype} {images.shape}")
+        if len(images) != len(targets):
+            raise ValueError(f"{len(images)} images but {len(targets)} targets")
+        self.images = images
+        self.targets: list[int] = [int(t) for t in targets]
+        self.mode = mode
+        chw = torch.from_numpy(images)
+        self._chw = chw.unsqueeze(1) if images.ndim == 3 else chw.permute(0, 3, 1, 2)
+
+    @property
+    def native_size(self) -> int | None:
+        """Side of the (square) images, None if not square."""
+        h, w = self.images.shape[1:3]
+        return int(h) if h == w else None
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.images.ndim == 3 else int(self.images.shape[3])
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):
+        if self.mode == "tensor":
+            return self._chw[i], self.targets[i]
+        return Image.fromarray(self.images[i]), self.targets[i]
+
+    def subset(self, indices: Sequence[int]) -> "ArrayImageDataset":
+        """A compact copy holding only ``indices`` (in that order)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return ArrayImageDataset(self.images[idx], [self.targets[i] for i in idx], self.mode)
+
+    def with_mode(self, mode: str) -> "ArrayImageDataset":
+        return ArrayImageDataset(self.images, self.targets, mode)
+
+    def __getstate__(self):  # the tensor view is rebuilt on unpickling; don't ship it twice
+        return {"images": self.images, "targets": self.targets, "mode": self.mode}
+
+    def __setstate__(self, state):
+        self.__init__(state["images"], state["targets"], state["mode"])
+
+
+class ImageFileDataset(torch.utils.data.Dataset):
+    """Images read lazily from files with PIL and converted to RGB (ImageNet-R, CUB-200)."""
+
+    def __init__(self, root: str | os.PathLike, relpaths: Sequence[str], targets: Sequence[int]):
+        if len(relpaths) != len(targets):
+            raise ValueError(f"{len(relpaths)} files but {len(targets)} targets")
+        self.root = str(root)
+        self.relpaths = list(relpaths)
+        self.targets: list[int] = [int(t) for t in targets]
+
+    native_size = None  # variable-size photos: always resized
+    channels = 3
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):
+        with Image.open(os.path.join(self.root, self.relpaths[i])) as im:
+            img = im.convert("RGB")
+        return img, self.targets[i]
+
+    def subset(self, indices: Sequence[int]) -> "ImageFileDataset":
+        return ImageFileDataset(self.root, [self.relpaths[i] for i in indices],
+                                [self.targets[i] for i in indices])
+
+
+@dataclass
+class LoadedData:
+    """What a reader returns: the two splits and what identifies them."""
+
+    train: ArrayImageDataset | ImageFileDataset
+    test: ArrayImageDataset | ImageFileDataset
+    class_names: list[str]
+    fingerprint: str            # sha256 identifying the files and the train/test split
+    location: str               # the folder the data was read from
+    split_path: str | None = None  # ImageNet-R: the split list used
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)

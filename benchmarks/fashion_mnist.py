@@ -1,0 +1,129 @@
+"""Fashion-MNIST from its IDX files, parsed with numpy (the suite's embedded default data set).
+
+Lookup order (protocols.md §1): ``<data_root>/fashion-mnist/``, ``<data_root>/``,
+``<data_root>/FashionMNIST/raw/`` (torchvision's layout), then the Debian package location
+``/usr/share/datasets/fashion-mnist/`` (``dataset-fashion-mnist``), then a torchvision download
+into ``<data_root>`` only when ``download=True``. Each file may be gzipped (``.gz``) or not.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from .common import (ArrayImageDataset, DataNotFoundError, LoadedData, file_stamp,
+                     resolve_data_root, sha256_bytes)
+
+FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+IMAGES_MAGIC = 2051  # 0x00000803: unsigned byte, 3 dimensions
+LABELS_MAGIC = 2049  # 0x00000801: unsigned byte, 1 dimension
+#: System-wide locations searched after ``data_root`` (tests monkeypatch this).
+SYSTEM_DIRS: list[str] = ["/usr/share/datasets/fashion-mnist"]
+CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+               "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+HOW_TO_GET = (
+    "Get Fashion-MNIST in one of three ways:\n"
+    "  1. apt-get install dataset-fashion-mnist   (Debian/Ubuntu; files land in "
+    "/usr/share/datasets/fashion-mnist/)\n"
+    "  2. put train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
+    "t10k-labels-idx1-ubyte.gz under <data-root>/fashion-mnist/ (--data-root; from "
+    "https://github.com/zalandoresearch/fashion-mnist)\n"
+    "  3. pass --download (download=True) to fetch them with torchvision into <data-root>/FashionMNIST/raw/"
+)
+
+
+def read_idx(path: str | os.PathLike, expected_magic: int) -> np.ndarray:
+    """Parse one IDX file (gzipped or not), checking its magic number and its length."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4:
+        raise ValueError(f"{path}: not an IDX file (too short)")
+    (magic,) = struct.unpack(">I", raw[:4])
+    if magic != expected_magic:
+        raise ValueError(f"{path}: IDX magic number {magic}, expected {expected_magic}")
+    ndim = magic & 0xFF
+    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    offset = 4 + 4 * ndim
+    n = int(np.prod(dims))
+    if len(raw) - offset != n:
+        raise ValueError(f"{path}: header says {dims} ({n} bytes) but {len(raw) - offset} bytes follow")
+    return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(dims).copy()
+
+
+def _file_in(folder: Path, stem: str) -> Path | None:
+    for name in (stem + ".gz", stem):
+        p = folder / name
+        if p.is_file():
+            return p
+    return None
+
+
+def candidate_dirs(data_root: str | os.PathLike | None) -> list[Path]:
+    """The folders searched, in order."""
+    root = resolve_data_root(data_root)
+    return [root / "fashion-mnist", root, root / "FashionMNIST" / "raw"] + [Path(d) for d in SYSTEM_DIRS]
+
+
+def find_files(data_root: str | os.PathLike | None) -> dict[str, Path] | None:
+    """The four IDX files from the first folder holding all of them, or None."""
+    for d in candidate_dirs(data_root):
+        found = {k: _file_in(d, stem) for k, stem in FILES.items()}
+        if all(found.values()):
+            return found  # type: ignore[return-value]
+    return None
+
+
+def _download(data_root: str | os.PathLike | None) -> None:
+    """torchvision fetches into ``<data_root>/FashionMNIST/raw/``; the only download in the suite."""
+    import torchvision
+
+    root = resolve_data_root(data_root)
+    root.mkdir(parents=True, exist_ok=True)
+    for train in (True, False):
+        torchvision.datasets.FashionMNIST(str(root), train=train, download=True)
+
+
+@lru_cache(maxsize=2)
+def _load_arrays(stamp: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]:
+    paths = {k: Path(p) for k, (p, _, _) in zip(FILES, stamp)}
+    xtr = read_idx(paths["train_images"], IMAGES_MAGIC)
+    ytr = read_idx(paths["train_labels"], LABELS_MAGIC)
+    xte = read_idx(paths["test_images"], IMAGES_MAGIC)
+    yte = read_idx(paths["test_labels"], LABELS_MAGIC)
+    for x, y, name in ((xtr, ytr, "train"), (xte, yte, "test")):
+        if len(x) != len(y):
+            raise ValueError(f"Fashion-MNIST {name}: {len(x)} images but {len(y)} labels")
+    # content hash, so the same data gzipped or not, here or in /usr/share, hashes the same
+    fp = sha256_bytes(b"fashion_mnist", xtr.data, ytr.data, xte.data, yte.data)
+    return xtr, ytr, xte, yte, fp
+
+
+def load_fashion_mnist(data_root: str | os.PathLike | None = None, *, download: bool = False,
+                       mode: str = "pil") -> LoadedData:
+    """Official 60,000 / 10,000 split as uint8 arrays in memory (``mode``: see ArrayImageDataset)."""
+    files = find_files(data_root)
+    if files is None and download:
+        _download(data_root)
+        files = find_files(data_root)
+    if files is None:
+        raise DataNotFoundError("Fashion-MNIST", candidate_dirs(data_root), HOW_TO_GET)
+    xtr, ytr, xte, yte, fp = _load_arrays(file_stamp(files[k] for k in FILES))
+    return LoadedData(
+        train=ArrayImageDataset(xtr, ytr.tolist(), mode),
+        test=ArrayImageDataset(xte, yte.tolist(), mode),
+        class_names=list(CLASS_NAMES),
+        fingerprint=fp,
+        location=str(files["train_images"].parent),
+    )

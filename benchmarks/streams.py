@@ -1,0 +1,194 @@
+"""Class orders, per-class subsampling and the Avalanche class-incremental streams.
+
+Streams come from ``class_incremental_benchmark`` with an explicit ``num_classes_per_exp``:
+with ``num_experiences`` Avalanche 0.6.0 silently drops the remainder classes (avalanche.md B.2).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .cifar100 import load_cifar100
+from .common import ArrayImageDataset, LoadedData, sha256_bytes
+from .cub200 import load_cub200
+from .fashion_mnist import load_fashion_mnist
+from .imagenet_r import load_imagenet_r
+from .transforms import build_transforms, needs_geometry
+
+DATASETS: dict[str, str] = {
+    "fashion_mnist": "Fashion-MNIST: 10 clothing classes, 28x28 grayscale, official 60,000/10,000 split (IDX gz files)",
+    "cifar100": "CIFAR-100: 100 classes, 32x32 RGB, official 50,000/10,000 split (cifar-100-python pickles)",
+    "imagenet_r": "ImageNet-R: 200 ImageNet classes as renditions (art, cartoons, ...), suite's 80/20 per-class split or a split file",
+    "cub200": "CUB-200-2011: 200 bird species, official train_test_split.txt (5,994/5,794)",
+}
+CLASS_ORDERS = ("shuffled", "natural")
+#: Seed of the per-class subsample permutation; fixed so the subset never depends on the run seed.
+SUBSAMPLE_SEED = 12345
+
+
+def class_order(num_classes: int, seed: int, mode: str = "shuffled") -> list[int]:
+    """``shuffled``: ``list(range(C))`` shuffled by ``random.Random(seed)`` (CODA / VQ / SMoPE lineage);
+    ``natural``: ``list(range(C))``."""
+    if mode == "natural":
+        return list(range(num_classes))
+    if mode == "shuffled":
+        order = list(range(num_classes))
+        random.Random(seed).shuffle(order)
+        return order
+    raise ValueError(f"class_order must be one of {CLASS_ORDERS}, got {mode!r}")
+
+
+_order = class_order  # build_stream's ``class_order`` parameter shadows the function
+
+
+def classes_per_exp(num_classes: int, num_tasks: int) -> list[int]:
+    """Class counts per task summing to ``num_classes``: the remainder goes one each to the first
+    tasks (10 classes / 3 tasks -> [4, 3, 3]), so no class is ever dropped."""
+    if not 1 <= num_tasks <= num_classes:
+        raise ValueError(f"num_tasks must be in 1..{num_classes} for {num_classes} classes, got {num_tasks}")
+    base, extra = divmod(num_classes, num_tasks)
+    return [base + (1 if t < extra else 0) for t in range(num_tasks)]
+
+
+def _per_class_pick(targets: Sequence[int], per_class: int) -> np.ndarray:
+    """Boolean mask of the fixed subset: per class, the first ``per_class`` of a
+    ``default_rng(SUBSAMPLE_SEED)`` permutation of that class's indices (a fresh generator per class,
+    so a class's subset does not depend on the others). Classes smaller than ``per_class`` are
+    taken whole."""
+    if int(per_class) != per_class or per_class < 1:
+        raise ValueError(f"per_class must be a positive integer, got {per_class!r}")
+    y = np.asarray(targets, dtype=np.int64)
+    mask = np.zeros(len(y), dtype=bool)
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        perm = np.random.default_rng(SUBSAMPLE_SEED).permutation(len(idx))
+        mask[idx[perm[:int(per_class)]]] = True
+    return mask
+
+
+def subsample_indices(targets: Sequence[int], per_class: int) -> list[int]:
+    """Sorted indices of the fixed per-class subset the streams use (independent of the run seed)."""
+    return np.flatnonzero(_per_class_pick(targets, per_class)).tolist()
+
+
+def unused_indices(targets: Sequence[int], per_class: int) -> list[int]:
+    """Sorted indices NOT in ``subsample_indices(targets, per_class)``: data a pretraining recipe
+    may use without ever touching what the benchmark trains or tests on."""
+    return np.flatnonzero(~_per_class_pick(targets, per_class)).tolist()
+
+
+@dataclass
+class StreamInfo:
+    """A built benchmark plus what a run record needs to reproduce it."""
+
+    benchmark: Any                      # avalanche CLScenario: .train_stream / .test_stream
+    class_order: list[int]
+    classes_per_task: list[list[int]]
+    num_classes: int
+    data_hash: str                      # files + split + subsample
+    dataset: str = ""
+    class_names: list[str] = field(default_factory=list)
+    num_train: int = 0
+    num_test: int = 0
+    location: str = ""                  # folder the data was read from
+    split_path: str | None = None       # ImageNet-R: split list used
+    notes: list[str] = field(default_factory=list)
+
+
+def _load(dataset: str, data_root, split_file, download) -> LoadedData:
+    if split_file is not None and dataset != "imagenet_r":
+        raise ValueError(f"split_file is only used by imagenet_r, not {dataset!r}")
+    if dataset == "fashion_mnist":
+        return load_fashion_mnist(data_root, download=download)
+    if dataset == "cifar100":
+        return load_cifar100(data_root)
+    if dataset == "imagenet_r":
+        return load_imagenet_r(data_root, split_file=split_file)
+    if dataset == "cub200":
+        return load_cub200(data_root)
+    raise ValueError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}")
+
+
+def _parse_subsample(subsample: Mapping[str, Any] | None) -> dict[str, int | None] | None:
+    if subsample is None:
+        return None
+    unknown = set(subsample) - {"train_per_class", "test_per_class"}
+    if unknown:
+        raise ValueError(f"subsample keys are train_per_class and test_per_class, got {sorted(unknown)}")
+    return {k: (None if subsample.get(k) is None else int(subsample[k]))
+            for k in ("train_per_class", "test_per_class")}
+
+
+def build_stream(dataset: str, *, data_root: str | os.PathLike | None = None, seed: int = 0,
+                 num_tasks: int, class_order: str = "shuffled", image_size: int, in_chans: int,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 augment: str = "none", eval_resize: str = "resize",
+                 subsample: Mapping[str, Any] | None = None, split_file: str | os.PathLike | None = None,
+                 download: bool = False) -> StreamInfo:
+    """Class-incremental train / test streams of ``dataset`` for one seed.
+
+    ``mean`` / ``std`` default to 0 / 1 (no normalisation). ``subsample`` keys left out or None
+    keep that split whole. Labels stay the original class ids (not remapped to the order).
+    """
+    if class_order not in CLASS_ORDERS:
+        raise ValueError(f"class_order must be one of {CLASS_ORDERS}, got {class_order!r}")
+    sub = _parse_subsample(subsample)
+    data = _load(dataset, data_root, split_file, download)
+    train, test = data.train, data.test
+
+    if isinstance(train, ArrayImageDataset):
+        # no resize / crop / flip -> uint8 tensors straight to the float conversion, no PIL
+        mode = "pil" if needs_geometry(image_size, augment, eval_resize, train.native_size) else "tensor"
+        train, test = train.with_mode(mode), test.with_mode(mode)
+    if sub is not None:
+        if sub["train_per_class"] is not None:
+            train = train.subset(subsample_indices(train.targets, sub["train_per_class"]))
+        if sub["test_per_class"] is not None:
+            test = test.subset(subsample_indices(test.targets, sub["test_per_class"]))
+
+    num_classes = data.num_classes
+    for name, ds in (("train", train), ("test", test)):
+        if sorted(set(ds.targets)) != list(range(num_classes)):
+            raise ValueError(f"{dataset} {name} split does not hold every class 0..{num_classes - 1}")
+    order = _order(num_classes, seed, class_order)
+    counts = classes_per_exp(num_classes, num_tasks)
+    chunks, start = [], 0
+    for n in counts:
+        chunks.append(order[start:start + n])
+        start += n
+
+    t_tr, t_ev = build_transforms(image_size, in_chans, mean if mean is not None else (0.0,),
+                                  std if std is not None else (1.0,), augment, eval_resize,
+                                  native_size=train.native_size)
+    benchmark = _avalanche_benchmark(train, test, t_tr, t_ev, order, counts)
+
+    data_hash = sha256_bytes(json.dumps({
+        "dataset": dataset, "files_and_split": data.fingerprint,
+        "subsample": sub, "subsample_seed": SUBSAMPLE_SEED if sub else None,
+    }, sort_keys=True).encode())
+    return StreamInfo(
+        benchmark=benchmark, class_order=order, classes_per_task=chunks, num_classes=num_classes,
+        data_hash=data_hash, dataset=dataset, class_names=data.class_names,
+        num_train=len(train), num_test=len(test), location=data.location,
+        split_path=data.split_path, notes=list(data.notes),
+    )
+
+
+def _avalanche_benchmark(train, test, t_tr, t_ev, order: list[int], counts: list[int]):
+    from avalanche.benchmarks.scenarios.supervised import class_incremental_benchmark
+    from avalanche.benchmarks.utils import DataAttribute, TransformGroups, make_avalanche_dataset
+
+    def wrap(ds):
+        return make_avalanche_dataset(
+            ds, data_attributes=[DataAttribute(ds.targets, "targets")],
+            transform_groups=TransformGroups({"train": t_tr, "eval": t_ev}))
+
+    # the test side starts in the eval group so iterating test_stream by hand never augments
+    return class_incremental_benchmark({"train": wrap(train), "test": wrap(test).eval()},
+                                       class_order=order, num_classes_per_exp=counts)
