@@ -12,7 +12,6 @@ import json
 import math
 import sqlite3
 from collections.abc import Iterable, Iterator, Mapping
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -246,7 +245,3 @@ def export_csv(records: Iterable[Mapping[str, Any]], path: str | Path) -> "panda
     df.to_csv(path, index=False)
     return df
 
-
-def utc_now() -> str:
-    """ISO time used for ``created`` and for generation stamps."""
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")

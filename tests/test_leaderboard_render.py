@@ -1,0 +1,142 @@
+"""leaderboard.render: the markdown pages carry exactly the numbers of the records."""
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from leaderboard.render import MARKER, render
+from test_leaderboard_stats import SHIFTS, recs_for
+from test_leaderboard_store import make_record
+
+GEN = "2025-06-01T12:00:00+00:00"
+
+
+def parse_tables(md: str) -> list[list[dict]]:
+    """Every github-style table of a markdown page as a list of {header: cell} rows."""
+    tables, cur, headers = [], None, None
+    for line in md.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if cur is None:
+                headers, cur = cells, []
+            elif set("".join(cells)) <= set("-: "):
+                continue
+            else:
+                cur.append(dict(zip(headers, cells)))
+        elif cur is not None:
+            tables.append(cur)
+            cur = None
+    if cur is not None:
+        tables.append(cur)
+    return tables
+
+
+def pm(cell: str) -> tuple[float, float]:
+    m, s = cell.split("±")
+    return float(m), float(s)
+
+
+@pytest.fixture
+def records():
+    recs = recs_for() + recs_for(protocol="cifar100-10t", offset=4.0)
+    recs += recs_for({"smope": [1.0, 1.4, 0.6], "smope-noprior": [-1.0, -0.2, -0.9]}, table="ablation:prior")
+    return recs
+
+
+def test_render_pages_numbers_and_index(tmp_path, records):
+    written = render(records, tmp_path, generated=GEN)
+    names = {p.relative_to(tmp_path).as_posix() for p in written}
+    assert {"README.md", "fmnist-5t__tiny.md", "cifar100-10t__tiny.md", "fmnist-5t__tiny__ablation-prior.md",
+            "figures/fmnist-5t__tiny_faa.png", "figures/cifar100-10t__tiny_faa.png", "figures/cd_faa.png"} <= names
+    assert all(p.exists() for p in written)
+    assert (tmp_path / "figures" / "cd_faa.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    md = (tmp_path / "fmnist-5t__tiny.md").read_text()
+    assert md.startswith(MARKER)
+    main, tests = parse_tables(md)[:2]
+    # sorted by FAA, numbers = mean +- sample std of the records' FAA
+    expect = {m: 80.0 + np.array(v) for m, v in SHIFTS.items()}
+    order = sorted(expect, key=lambda m: -expect[m].mean())
+    assert [r["method"] for r in main] == order
+    for row in main:
+        faa = expect[row["method"]]
+        assert pm(row["FAA"]) == pytest.approx((round(faa.mean(), 2), round(faa.std(ddof=1), 2)), abs=1e-9)
+        assert pm(row["CAA"])[0] == pytest.approx(round(faa.mean() - 80 + 252.5 / 3, 2))
+        assert pm(row["FFM"]) == (15.0, 0.0)
+        assert row["seeds (n)"] == "5"
+        assert row["trainable params"] == "230,400" and row["passes (test)"] == "1"
+        assert row["train time (s)"] == "12.0"
+    # paired tests against smope, p-values as scipy gives them
+    assert {r["method"] for r in tests} == {"vq", "l2p", "coda"}
+    ref = expect["smope"]
+    for r in tests:
+        x = expect[r["method"]]
+        assert float(r["p"]) == pytest.approx(round(sps.ttest_rel(x, ref).pvalue, 4), abs=1e-4)
+        assert float(r["diff (method - ref)"]) == pytest.approx(round((x - ref).mean(), 2))
+        assert r["n"] == "5"
+    assert "Paired t-test by seed" in md and "Holm-corrected" in md and "0.0625" in md and "Wilcoxon" in md
+    assert "![FAA per method](figures/fmnist-5t__tiny_faa.png)" in md
+    assert "(fmnist-5t__tiny__ablation-prior.md)" in md  # main page links its ablation
+
+    abl = (tmp_path / "fmnist-5t__tiny__ablation-prior.md").read_text()
+    arows = parse_tables(abl)[0]
+    assert [r["method"] for r in arows] == ["smope-abl", "smope-noprior-abl"]
+    assert pm(arows[1]["FAA"]) == pytest.approx((round(80 + np.mean([-1.0, -0.2, -0.9]), 2),
+                                                 round(np.std([-1.0, -0.2, -0.9], ddof=1), 2)))
+    assert arows[1]["seeds (n)"] == "3"
+
+    cifar = parse_tables((tmp_path / "cifar100-10t__tiny.md").read_text())[0]
+    assert pm(cifar[0]["FAA"])[0] == pytest.approx(round(84.0 + np.mean(SHIFTS["smope"]), 2))
+
+    readme = (tmp_path / "README.md").read_text()
+    assert GEN in readme and f"from {len(records)} runs" in readme
+    for name in names - {"README.md"}:
+        assert f"]({name})" in readme, name  # every page and figure is indexed
+    assert "Friedman test" in readme and "CD =" in readme
+
+
+def test_cost_columns_only_when_present(tmp_path):
+    recs = [make_record(method=m, seed=s, shift=d + s, cost=False) for m, d in (("a", 0), ("b", 1)) for s in (0, 1)]
+    for r in recs:
+        del r["timings"]
+    render(recs, tmp_path, figures=False, generated=GEN)
+    md = (tmp_path / "fmnist-5t__tiny.md").read_text()
+    main = parse_tables(md)[0]
+    assert set(main[0]) == {"method", "FAA", "CAA", "FFM", "seeds (n)"}
+    assert "![" not in md and not (tmp_path / "figures").exists()
+    assert "## Across protocols" not in (tmp_path / "README.md").read_text()
+
+
+def test_no_paired_test_with_one_seed(tmp_path):
+    recs = [make_record(method="a", seed=0), make_record(method="b", seed=0, shift=1.0)]
+    render(recs, tmp_path, figures=False, generated=GEN)
+    md = (tmp_path / "fmnist-5t__tiny.md").read_text()
+    assert "No paired comparison" in md
+    assert [r["FAA"] for r in parse_tables(md)[0]] == ["81.00 ± 0.00", "80.00 ± 0.00"]
+
+
+def test_empty_store_and_stale_pages(tmp_path, records):
+    (tmp_path / "notes.md").write_text("# hand-written\n")
+    (tmp_path / "store.py").write_text("x = 1\n")
+    render(records, tmp_path, generated=GEN)
+    assert (tmp_path / "fmnist-5t__tiny.md").exists()
+    written = render([], tmp_path, generated=GEN)
+    assert written == [tmp_path / "README.md"]
+    readme = (tmp_path / "README.md").read_text()
+    assert "No runs yet" in readme and GEN in readme
+    assert not (tmp_path / "fmnist-5t__tiny.md").exists()  # generated pages without runs are removed
+    assert not list((tmp_path / "figures").glob("*.png"))
+    assert (tmp_path / "notes.md").exists() and (tmp_path / "store.py").exists()  # others' files untouched
+
+
+def test_render_accepts_store_records(tmp_path, records):
+    from leaderboard.store import RunStore
+
+    store = RunStore(tmp_path / "s.sqlite")
+    store.put_many(records)
+    render(store.records(), tmp_path / "lb", figures=False, generated=GEN)
+    a = parse_tables((tmp_path / "lb" / "fmnist-5t__tiny.md").read_text())[0]
+    render(records, tmp_path / "lb2", figures=False, generated=GEN)
+    b = parse_tables((tmp_path / "lb2" / "fmnist-5t__tiny.md").read_text())[0]
+    assert a == b
+    assert f"from {len(records)} runs" in (tmp_path / "lb" / "README.md").read_text()
