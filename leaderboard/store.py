@@ -13,7 +13,10 @@ import math
 import sqlite3
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["RunStore", "RecordError", "REQUIRED_FIELDS", "REQUIRED_METRICS", "validate_record",
            "export_csv", "CSV_COLUMNS"]
@@ -217,7 +220,7 @@ CSV_COLUMNS: tuple[str, ...] = (
 )
 
 
-def export_csv(records: Iterable[Mapping[str, Any]], path: str | Path) -> "pandas.DataFrame":  # noqa: F821
+def export_csv(records: Iterable[Mapping[str, Any]], path: str | Path) -> "pd.DataFrame":
     """Write one row per run (for spreadsheets and ad-hoc analysis); returns the frame written.
 
     Fields a record lacks (e.g. no timings) are left empty rather than guessed.
