@@ -125,6 +125,11 @@ def read_split(path: str | os.PathLike) -> list[tuple[str, str]]:
     return entries
 
 
+def split_hash(entries: list[tuple[str, str]]) -> str:
+    """sha256 of a split list's entries (sorted ``split<TAB>relpath`` lines): the data hash."""
+    return sha256_lines(sorted(format_split(entries)))
+
+
 def _cache_split_path(d: Path) -> Path:
     tag = sha256_bytes(str(d.resolve()).encode())[:16]
     return cache_dir() / f"imagenet-r-{tag}" / SPLIT_NAME
@@ -189,7 +194,7 @@ def load_imagenet_r(data_root: str | os.PathLike | None = None, *,
         absent = sorted(set(classes) - {r.split("/", 1)[0] for r in parts[s][0]})
         if absent:
             raise ValueError(f"{split_path}: classes with no {s} image: {absent[:10]}")
-    fp = sha256_lines(sorted(format_split(entries)))
+    fp = split_hash(entries)
     return LoadedData(
         train=ImageFileDataset(d, *parts["train"]),
         test=ImageFileDataset(d, *parts["test"]),

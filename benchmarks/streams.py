@@ -168,9 +168,11 @@ def build_stream(dataset: str, *, data_root: str | os.PathLike | None = None, se
                                   native_size=train.native_size)
     benchmark = _avalanche_benchmark(train, test, t_tr, t_ev, order, counts)
 
-    data_hash = sha256_bytes(json.dumps({
+    # whole data: the reader's own hash (for ImageNet-R the split list's sha256); subsampled: that
+    # hash combined with the subsample spec, which with the fixed seed determines the subset
+    data_hash = data.fingerprint if sub is None else sha256_bytes(json.dumps({
         "dataset": dataset, "files_and_split": data.fingerprint,
-        "subsample": sub, "subsample_seed": SUBSAMPLE_SEED if sub else None,
+        "subsample": sub, "subsample_seed": SUBSAMPLE_SEED,
     }, sort_keys=True).encode())
     return StreamInfo(
         benchmark=benchmark, class_order=order, classes_per_task=chunks, num_classes=num_classes,
