@@ -3,6 +3,7 @@
 ``build_stream`` is the one entry point the runner uses (docs/CONTRACTS.md); the readers
 (``load_*``) and ``subsample_indices`` / ``unused_indices`` are public for scripts that need the
 same bytes outside a stream (e.g. pretraining the tiny backbone on images the stream never uses).
+``benchmarks.synthetic`` writes tiny data sets in the real on-disk formats for tests and smoke runs.
 This package never imports ``methods``, ``protocols`` or ``leaderboard``.
 """
 

@@ -19,7 +19,7 @@ from .common import ArrayImageDataset, LoadedData, sha256_bytes
 from .cub200 import load_cub200
 from .fashion_mnist import load_fashion_mnist
 from .imagenet_r import load_imagenet_r
-from .transforms import build_transforms, needs_geometry
+from .transforms import AUGMENTS, EVAL_RESIZES, build_transforms, needs_geometry
 
 DATASETS: dict[str, str] = {
     "fashion_mnist": "Fashion-MNIST: 10 clothing classes, 28x28 grayscale, official 60,000/10,000 split (IDX gz files)",
@@ -121,8 +121,9 @@ def _parse_subsample(subsample: Mapping[str, Any] | None) -> dict[str, int | Non
     unknown = set(subsample) - {"train_per_class", "test_per_class"}
     if unknown:
         raise ValueError(f"subsample keys are train_per_class and test_per_class, got {sorted(unknown)}")
-    return {k: (None if subsample.get(k) is None else int(subsample[k]))
-            for k in ("train_per_class", "test_per_class")}
+    sub = {k: (None if subsample.get(k) is None else int(subsample[k]))
+           for k in ("train_per_class", "test_per_class")}
+    return None if all(v is None for v in sub.values()) else sub
 
 
 def build_stream(dataset: str, *, data_root: str | os.PathLike | None = None, seed: int = 0,
@@ -136,8 +137,15 @@ def build_stream(dataset: str, *, data_root: str | os.PathLike | None = None, se
     ``mean`` / ``std`` default to 0 / 1 (no normalisation). ``subsample`` keys left out or None
     keep that split whole. Labels stay the original class ids (not remapped to the order).
     """
+    # argument errors before any disk work
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}")
     if class_order not in CLASS_ORDERS:
         raise ValueError(f"class_order must be one of {CLASS_ORDERS}, got {class_order!r}")
+    if augment not in AUGMENTS:
+        raise ValueError(f"augment must be one of {AUGMENTS}, got {augment!r}")
+    if eval_resize not in EVAL_RESIZES:
+        raise ValueError(f"eval_resize must be one of {EVAL_RESIZES}, got {eval_resize!r}")
     sub = _parse_subsample(subsample)
     data = _load(dataset, data_root, split_file, download)
     train, test = data.train, data.test

@@ -181,6 +181,8 @@ def test_build_stream_errors(fmnist_root, tmp_path):
         build_stream("fashion_mnist", data_root=fmnist_root, num_tasks=5, split_file="x.txt", **TINY)
     with pytest.raises(ValueError, match="subsample"):
         build_stream("fashion_mnist", data_root=fmnist_root, num_tasks=5, subsample={"train": 3}, **TINY)
+    with pytest.raises(ValueError, match="rrc_flip"):
+        build_stream("fashion_mnist", data_root=tmp_path / "empty", num_tasks=5, augment="flip", **TINY)
     with pytest.raises(ValueError, match="num_tasks"):
         build_stream("fashion_mnist", data_root=fmnist_root, num_tasks=11, **TINY)
     for name in ("fashion_mnist", "cifar100", "imagenet_r", "cub200"):
