@@ -229,6 +229,19 @@ class PromptStrategy(SupervisedTemplate):
                 loss = loss + extra
         return loss
 
+    # ------------------------------------------------------------------ cost measurement
+    def cost_forward(self, x: Tensor, training: bool) -> Tensor:
+        """One forward of `x` as a training (`training=True`) or evaluation step runs it, for the
+        cost table's FLOP count (`methods.cost`). A strategy that has not trained yet is put in its
+        first task (task 0, every class current) so task-dependent forwards work; a method whose
+        forward needs more set-up overrides this."""
+        if self.task_id < 0:
+            self.task_id = self.model.task_id = 0
+            self.current_classes = list(range(self.num_classes))
+            self.seen_classes = list(range(self.num_classes))
+        self.model.train(training)
+        return self.model(x)
+
     # ------------------------------------------------------------------ helpers for stages
     def loader(self, dataset, *, train_transform: bool = False, batch_size: int | None = None,
                shuffle: bool = False, drop_last: bool = False) -> Iterator[tuple[Tensor, Tensor]]:

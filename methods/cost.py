@@ -1,0 +1,68 @@
+"""The cost table: added parameters, ViT passes and forward GFLOPs per image of a method.
+
+`cost_row` builds the method on the given backbone (no training), counts what it adds to the
+ViT (`PromptModel.added_parameters()`, head excluded; frozen-but-owned parts such as earlier CODA
+components count) and the head, reads the declared passes per image, and measures forward FLOPs
+of one image at the backbone's input size with `torch.utils.flop_counter.FlopCounterMode`, once
+as a training step runs it and once as evaluation does (`PromptStrategy.cost_forward`), query pass
+included. FLOPs are 2 x multiply-accumulates, forward only.
+
+On CPU, `scaled_dot_product_attention` dispatches to an op the counter does not know
+(`_scaled_dot_product_flash_attention_for_cpu`), which would silently drop the attention matmuls;
+it is mapped to the counter's own SDPA formula so that CPU and GPU counts agree.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from . import registry
+from .vit import PromptedViT
+
+
+def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+_EXTRA_FLOP_FORMULAS = {}
+if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
+    _EXTRA_FLOP_FORMULAS[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_sdpa_flop
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of everything `fn()` runs (forward only unless it calls backward)."""
+    with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def input_example(vit: PromptedViT, device: str | torch.device = "cpu") -> torch.Tensor:
+    """One image (1, C, H, W) at the backbone's input size."""
+    pe = vit.vit.patch_embed
+    h, w = pe.img_size
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(1, pe.proj.in_channels, h, w, generator=g).to(device)
+
+
+def cost_row(method: str, vit: PromptedViT, num_classes: int, hparams: dict | None = None,
+             device: str | torch.device = "cpu") -> dict[str, Any]:
+    """One row of the cost table for `method` on `vit` (see the module docstring)."""
+    strategy = registry.create(method, vit=vit, num_classes=num_classes, hparams=hparams,
+                               device=device)
+    model = strategy.model.to(device)
+    x = input_example(vit, device)
+    flops = {}
+    for training in (True, False):
+        flops[training] = count_flops(lambda: strategy.cost_forward(x, training))
+    model.eval()
+    return {
+        "method": method,
+        "trainable_params": sum(p.numel() for _, p in model.added_parameters()),
+        "head_params": sum(p.numel() for p in model.head.parameters()),
+        "passes_train": type(strategy).passes_train,
+        "passes_test": type(strategy).passes_test,
+        "gflops_train": flops[True] / 1e9,
+        "gflops_test": flops[False] / 1e9,
+    }
