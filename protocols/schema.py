@@ -1,0 +1,144 @@
+"""Protocol YAML files: what is run (data, tasks, class order, transforms) and their validation.
+
+A protocol is one YAML file in `protocols/` (or any path). Unknown keys, wrong types and values
+outside the allowed sets are errors that name the file, the key and what is allowed, so a typo
+never silently falls back to a default.
+
+Keys:
+  name, description, dataset (fashion_mnist | cifar100 | imagenet_r | cub200), num_tasks,
+  class_order (shuffled | natural), augment (none | rrc_flip), eval_resize (resize | resize_crop),
+  normalize (none | backbone), subsample ({train_per_class, test_per_class} or null),
+  split_file (ImageNet-R only, or null), backbones (default backbones, first = default),
+  methods ({method: {hparam: value}}: protocol-level overrides of the methods' defaults),
+  ablations ({name: {method: m, variants: ladder | {label: {hparam: value}}}}: sweeps that the
+  leaderboard renders as their own table; `ladder` takes the method's own `ABLATION` list).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PROTOCOL_DIR = Path(__file__).resolve().parent
+
+_CHOICES = {
+    "dataset": ("fashion_mnist", "cifar100", "imagenet_r", "cub200"),
+    "class_order": ("shuffled", "natural"),
+    "augment": ("none", "rrc_flip"),
+    "eval_resize": ("resize", "resize_crop"),
+    "normalize": ("none", "backbone"),
+}
+_TYPES: dict[str, tuple[type, ...]] = {
+    "name": (str,), "description": (str,), "dataset": (str,), "num_tasks": (int,),
+    "class_order": (str,), "augment": (str,), "eval_resize": (str,), "normalize": (str,),
+    "subsample": (dict, type(None)), "split_file": (str, type(None)), "backbones": (list,),
+    "methods": (dict,), "ablations": (dict,),
+}
+_REQUIRED = ("name", "dataset", "num_tasks")
+
+
+class ProtocolError(ValueError):
+    """A protocol file is missing, malformed or has an invalid value."""
+
+
+@dataclass(frozen=True)
+class Ablation:
+    method: str
+    variants: str | dict[str, dict[str, Any]]  # "ladder" or {label: overrides}
+
+
+@dataclass(frozen=True)
+class Protocol:
+    name: str
+    dataset: str
+    num_tasks: int
+    description: str = ""
+    class_order: str = "shuffled"
+    augment: str = "none"
+    eval_resize: str = "resize"
+    normalize: str = "none"
+    subsample: dict[str, int] | None = None
+    split_file: str | None = None
+    backbones: tuple[str, ...] = ()
+    methods: dict[str, dict[str, Any]] = field(default_factory=dict)
+    ablations: dict[str, Ablation] = field(default_factory=dict)
+    path: str = ""
+
+    def data_spec(self) -> dict[str, Any]:
+        """The part of the protocol that defines the data and its stream (goes in the run key)."""
+        return {k: getattr(self, k) for k in (
+            "name", "dataset", "num_tasks", "class_order", "augment", "eval_resize", "normalize",
+            "subsample", "split_file")}
+
+
+def available() -> list[str]:
+    """Names of the protocols shipped in `protocols/`."""
+    return sorted(p.stem for p in PROTOCOL_DIR.glob("*.yaml"))
+
+
+def _fail(where: str, msg: str) -> None:
+    raise ProtocolError(f"{where}: {msg}")
+
+
+def validate(raw: Any, where: str) -> Protocol:
+    if not isinstance(raw, dict):
+        _fail(where, "a protocol must be a YAML mapping")
+    unknown = sorted(set(raw) - set(_TYPES))
+    if unknown:
+        _fail(where, f"unknown key(s) {unknown}; valid keys: {', '.join(_TYPES)}")
+    for key in _REQUIRED:
+        if key not in raw:
+            _fail(where, f"missing required key {key!r}")
+    for key, value in raw.items():
+        types = _TYPES[key]
+        if isinstance(value, bool) or not isinstance(value, types):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            _fail(where, f"{key} must be {names}, got {type(value).__name__} {value!r}")
+        if key in _CHOICES and value not in _CHOICES[key]:
+            _fail(where, f"{key} must be one of {', '.join(_CHOICES[key])}, got {value!r}")
+    if raw["num_tasks"] < 1:
+        _fail(where, f"num_tasks must be >= 1, got {raw['num_tasks']}")
+    sub = raw.get("subsample")
+    if sub is not None:
+        bad = sorted(set(sub) - {"train_per_class", "test_per_class"})
+        if bad:
+            _fail(where, f"subsample keys are train_per_class and test_per_class, got {bad}")
+        for k, v in sub.items():
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                _fail(where, f"subsample.{k} must be a positive integer or null, got {v!r}")
+    if raw.get("split_file") and raw["dataset"] != "imagenet_r":
+        _fail(where, "split_file is only used by the imagenet_r dataset")
+    for b in raw.get("backbones", []):
+        if not isinstance(b, str):
+            _fail(where, f"backbones must be a list of names, got {b!r}")
+    for m, hp in raw.get("methods", {}).items():
+        if not isinstance(hp, dict):
+            _fail(where, f"methods.{m} must be a mapping of hyperparameters, got {hp!r}")
+    ablations = {}
+    for name, ab in raw.get("ablations", {}).items():
+        if not isinstance(ab, dict) or set(ab) - {"method", "variants"} or "method" not in ab:
+            _fail(where, f"ablations.{name} must be {{method: NAME, variants: ladder | {{label: {{...}}}}}}")
+        variants = ab.get("variants", "ladder")
+        if variants != "ladder" and not (isinstance(variants, dict)
+                                         and all(isinstance(v, dict) for v in variants.values())):
+            _fail(where, f"ablations.{name}.variants must be 'ladder' or a mapping label -> overrides")
+        ablations[name] = Ablation(method=ab["method"], variants=variants)
+    fields = {k: v for k, v in raw.items() if k not in ("ablations", "backbones")}
+    return Protocol(**fields, backbones=tuple(raw.get("backbones", [])), ablations=ablations, path=where)
+
+
+def load_protocol(name_or_path: str | Path) -> Protocol:
+    """A shipped protocol by name (`fmnist-5t`) or any YAML file by path."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PROTOCOL_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise ProtocolError(f"no protocol {str(name_or_path)!r}: {path} not found; "
+                            f"shipped protocols: {', '.join(available())}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ProtocolError(f"{path}: not valid YAML: {e}") from None
+    return validate(raw, str(path))
