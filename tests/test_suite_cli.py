@@ -1,0 +1,98 @@
+"""End to end through run_suite.py on a tiny Fashion-MNIST written in the real IDX format."""
+import re
+from pathlib import Path
+
+import pytest
+
+import run_suite
+from benchmarks.synthetic import write_fashion_mnist
+from leaderboard.store import RunStore
+from protocols import runner
+from protocols.metrics import summarize
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+@pytest.fixture()
+def env(tmp_path):
+    """A data root with 12 train / 4 test images per class and a 5-task protocol over it."""
+    write_fashion_mnist(tmp_path / "data" / "fashion-mnist", train_per_class=12, test_per_class=4)
+    proto = tmp_path / "tiny-5t.yaml"
+    proto.write_text("name: tiny-5t\ndataset: fashion_mnist\nnum_tasks: 5\nbackbones: [tiny]\n"
+                     "methods:\n  head_only: {epochs: 1}\n  joint: {epochs: 1}\n")
+    args = ["--protocols", str(proto), "--data-root", str(tmp_path / "data"),
+            "--store", str(tmp_path / "runs.sqlite"), "--leaderboard-dir", str(tmp_path / "lb"),
+            "--quiet"]
+    return tmp_path, args
+
+
+def test_sweep_stores_runs_renders_and_resumes(env, monkeypatch):
+    tmp, args = env
+    assert run_suite.main(args + ["--methods", "head_only,joint", "--seeds", "2"]) == 0
+    records = RunStore(tmp / "runs.sqlite").records()
+    assert len(records) == 4
+    for r in records:
+        acc = r["acc_matrix"]
+        assert len(acc) == 5 and all(acc[j][i] is None for i in range(5) for j in range(i + 1, 5))
+        assert r["metrics"]["faa"] == pytest.approx(summarize(acc)["faa"])
+        assert r["class_order"] == __import__("benchmarks").class_order(10, r["seed"], "shuffled")
+        assert r["versions"]["torch"] and r["backbone_sha256"] and r["data_hash"]
+    joint = [r for r in records if r["method"] == "joint"][0]
+    assert joint["metrics"]["ffm"] == 0 and joint["metrics"]["caa"] == pytest.approx(joint["metrics"]["faa"])
+    page = (tmp / "lb" / "tiny-5t__tiny.md").read_text()
+    assert "head_only" in page and "joint" in page
+    assert "tiny-5t__tiny.md" in (tmp / "lb" / "README.md").read_text()
+
+    calls = []
+    monkeypatch.setattr(runner, "run", lambda *a, **k: calls.append(a) or pytest.fail("re-ran"))
+    assert run_suite.main(args + ["--methods", "head_only,joint", "--seeds", "2"]) == 0
+    assert calls == []
+
+
+def test_interrupted_run_leaves_no_record(env, monkeypatch):
+    tmp, args = env
+    from methods.base import PromptStrategy
+
+    def boom(self, **kw):
+        if self.task_id == 2:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(PromptStrategy, "task_end", boom)
+    with pytest.raises(KeyboardInterrupt):
+        run_suite.main(args + ["--methods", "head_only", "--seeds", "1"])
+    assert len(RunStore(tmp / "runs.sqlite")) == 0
+
+
+def test_readme_plugin_example_runs_through_run_suite(env):
+    """The worked example in README.md is a complete plugin: it runs as written."""
+    tmp, args = env
+    code = re.search(r"<!-- plugin-example -->\s*```python\n(.*?)```", README.read_text(), re.S).group(1)
+    plugin = tmp / "my_prompt.py"
+    plugin.write_text(code)
+    assert run_suite.main(args + ["--plugin", str(plugin), "--methods", "shared_prefix", "--seeds", "1"]) == 0
+    (record,) = RunStore(tmp / "runs.sqlite").records(method="shared_prefix")
+    assert record["cost"]["trainable_params"] > 0 and len(record["acc_matrix"]) == 5
+
+
+def test_clear_errors(env, capsys):
+    tmp, args = env
+    assert run_suite.main(args + ["--methods", "nope"]) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err
+    assert run_suite.main(args + ["--methods", "head_only", "--set", "head_only.epoch=2"]) == 2
+    assert "unknown hyperparameter 'epoch'" in capsys.readouterr().err
+    assert run_suite.main(args[:2] + ["--protocols", "no-such-protocol"]) == 2
+    assert "shipped protocols" in capsys.readouterr().err
+    assert run_suite.main(args + ["--backbones", "sup21k", "--weights-dir", str(tmp / "w"),
+                                  "--methods", "head_only", "--seeds", "1"]) == 2
+    assert "no weights for backbone 'sup21k'" in capsys.readouterr().err
+
+
+def test_list_and_export(env, capsys):
+    tmp, args = env
+    assert run_suite.main(["--list"]) == 0
+    out = capsys.readouterr().out
+    assert "head_only" in out and "fmnist-5t" in out and "tiny" in out
+    run_suite.main(args + ["--methods", "head_only", "--seeds", "1"])
+    csv = tmp / "runs.csv"
+    assert run_suite.main(args + ["--export", str(csv)]) == 0
+    lines = csv.read_text().splitlines()
+    assert len(lines) == 2 and "faa" in lines[0]
