@@ -70,6 +70,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--profile", action="store_true",
                     help="time the default sweep in a temporary store and print the figures")
     ap.add_argument("--dry-run", action="store_true", help="print the runs a sweep would do")
+    ap.add_argument("--executor", choices=["local", "ray", "slurm"], default="local",
+                    help="where runs execute; only this driver writes the store")
+    ap.add_argument("--address", default=None, help="Ray cluster address (with --executor ray)")
+    ap.add_argument("--slurm-partition", default=None)
+    ap.add_argument("--slurm-timeout-min", type=int, default=720)
+    ap.add_argument("--slurm-folder", default="results/slurm")
     return ap.parse_args(argv)
 
 
@@ -182,7 +188,8 @@ def sweep(args: argparse.Namespace, specs) -> list[dict]:
     from tqdm import tqdm
 
     from leaderboard.store import RunStore
-    from protocols.runner import RunOptions, run, spec_key
+    from protocols.executors import execute
+    from protocols.runner import RunOptions, spec_key
 
     store = RunStore(args.store)
     keyed = [(spec, spec_key(spec)) for spec in specs]
@@ -196,18 +203,28 @@ def sweep(args: argparse.Namespace, specs) -> list[dict]:
     options = RunOptions(data_root=args.data_root, weights_dir=args.weights_dir, device=args.device,
                          eval_batch_size=args.eval_batch_size, quiet=True if args.quiet else not sys.stderr.isatty(),
                          download=args.download, allow_download=args.allow_download)
+    kw: dict = {}
+    if args.executor == "ray":
+        kw = {"address": args.address, "num_gpus": 1.0 if options.device != "cpu" and _has_cuda() else 0.0}
+    elif args.executor == "slurm":
+        kw = {"folder": args.slurm_folder, "partition": args.slurm_partition,
+              "timeout_min": args.slurm_timeout_min}
     done = []
-    bar = tqdm(todo, desc="sweep", unit="run", disable=args.quiet and not sys.stderr.isatty())
-    for spec, key in bar:
-        bar.set_postfix_str(f"{spec.protocol} {spec.backbone} {spec.display_label} seed {spec.seed}")
-        record = run(spec, options)
-        assert record["key"] == key
+    bar = tqdm(total=len(todo), desc="sweep", unit="run", disable=args.quiet and not sys.stderr.isatty())
+    for spec, record in execute(args.executor, [s for s, _ in todo], options, **kw):
         store.put(record)
         done.append(record)
+        bar.update(1)
         bar.write(f"{spec.protocol:<14} {spec.backbone:<7} {spec.display_label:<14} seed {spec.seed}: "
                   f"FAA {record['metrics']['faa']:6.2f}  CAA {record['metrics']['caa']:6.2f}  "
                   f"FFM {record['metrics']['ffm']:5.2f}  ({record['timings']['total_s']:.1f} s)")
+    bar.close()
     return done
+
+
+def _has_cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
 
 
 def render_leaderboard(args: argparse.Namespace) -> None:

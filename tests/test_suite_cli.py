@@ -7,7 +7,7 @@ import pytest
 import run_suite
 from benchmarks.synthetic import write_fashion_mnist
 from leaderboard.store import RunStore
-from protocols import runner
+from protocols import executors, runner
 from protocols.metrics import summarize
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -44,7 +44,7 @@ def test_sweep_stores_runs_renders_and_resumes(env, monkeypatch):
     assert "tiny-5t__tiny.md" in (tmp / "lb" / "README.md").read_text()
 
     calls = []
-    monkeypatch.setattr(runner, "run", lambda *a, **k: calls.append(a) or pytest.fail("re-ran"))
+    monkeypatch.setattr(executors, "run", lambda *a, **k: calls.append(a) or pytest.fail("re-ran"))
     assert run_suite.main(args + ["--methods", "head_only,joint", "--seeds", "2"]) == 0
     assert calls == []
 
@@ -96,3 +96,15 @@ def test_list_and_export(env, capsys):
     assert run_suite.main(args + ["--export", str(csv)]) == 0
     lines = csv.read_text().splitlines()
     assert len(lines) == 2 and "faa" in lines[0]
+
+
+def test_slurm_executor_returns_records_to_the_driver(env):
+    """submitit's debug cluster runs the same job array in-process; the driver stores the records."""
+    pytest.importorskip("submitit")
+    tmp, args = env
+    specs = [runner.RunSpec(str(tmp / "tiny-5t.yaml"), "tiny", "head_only", s) for s in (0, 1)]
+    opts = runner.RunOptions(data_root=str(tmp / "data"), quiet=True)
+    got = list(executors.run_slurm(specs, opts, folder=str(tmp / "slurm2"), cluster="debug", poll_s=0))
+    assert sorted(s.seed for s, _ in got) == [0, 1]
+    local = dict(executors.run_local(specs[:1], opts))
+    assert got[[s.seed for s, _ in got].index(0)][1]["acc_matrix"] == local[specs[0]]["acc_matrix"]
