@@ -124,7 +124,9 @@ def plan(args: argparse.Namespace):
                     ab = proto.ablations[ab_name]
                     variants = ab.variants
                     if variants == "ladder":
-                        ladder = getattr(registry.get(ab.method), "ABLATION", None)
+                        cls = registry.get(ab.method)
+                        ladder = getattr(cls, "ABLATION", None) or getattr(
+                            sys.modules[cls.__module__], "ABLATION", None)
                         if not ladder:
                             raise SystemExit(f"method {ab.method} defines no ABLATION ladder")
                         variants = dict(ladder)
