@@ -1,0 +1,132 @@
+"""DualPrompt on the tiny ViT with synthetic data: task-id E-prompt in training, per-sample top-1
+at test, E-prompt carried over to the next task, frozen backbone, batch-size-invariant evaluation,
+the published ViT-B/16 parameter counts."""
+import pytest
+import torch
+
+from methods import backbones, registry
+from test_l2p import PROTOCOLS, stream  # the synthetic 5 x 2-class stream
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return backbones.load("tiny", random_init=True).vit
+
+
+def make(tiny, **over):
+    torch.manual_seed(0)
+    hp = registry.resolve_hparams("dualprompt", "fmnist-5t", over)
+    return registry.create("dualprompt", vit=tiny, num_classes=10, hparams=hp, eval_mb_size=64)
+
+
+def test_defaults_cover_every_protocol():
+    for p in PROTOCOLS:
+        registry.resolve_hparams("dualprompt", p)
+    assert registry.resolve_hparams("dualprompt", "imagenet-r-20t")["pool_size"] == 20
+
+
+def test_selection_task_id_in_training_top1_per_sample_at_test(tiny):
+    model = make(tiny).model
+    x = torch.randn(8, 1, 28, 28)
+    q = tiny.query(x)
+    model.task_id = 2
+    model.train()
+    assert model.select(q).tolist() == [2] * 8
+    model.eval()
+    idx = model.select(q)
+    sim = torch.nn.functional.normalize(q, dim=-1) @ torch.nn.functional.normalize(model.e_key, dim=-1).t()
+    assert idx.shape == (8,)
+    assert torch.equal(idx, sim[:, :3].argmax(1))  # only keys of tasks 0..2 compete
+    assert len(set(idx.tolist())) > 1, "random keys should give different choices across samples"
+    prefix = model.prefixes(idx)
+    assert sorted(prefix) == [0, 1, 2, 3, 4]
+    assert prefix[0][0].shape == (5, tiny.embed_dim)  # G: shared, 5 key tokens
+    assert prefix[2][0].shape == (8, 5, tiny.embed_dim)  # E: per sample
+    for b in range(8):  # sample b gets its own E-prompt, keys and values kept apart
+        assert torch.equal(prefix[3][0][b], model.e_prompt[1, idx[b], 0])
+        assert torch.equal(prefix[3][1][b], model.e_prompt[1, idx[b], 1])
+    # changing an E-prompt that sample a did not pick leaves its feature unchanged
+    feats = model.features(x)
+    a = 0
+    j = next(i for i in idx.tolist() if i != idx[a].item())
+    with torch.no_grad():
+        model.e_prompt[:, j] += torch.randn_like(model.e_prompt[:, j])
+        after = model.features(x)
+    assert torch.allclose(after[a], feats[a], atol=1e-6)
+    changed = (idx == j).nonzero().flatten()
+    assert not torch.allclose(after[changed], feats[changed], atol=1e-4)
+
+
+def test_e_prompt_carried_over_old_ones_kept_and_backbone_frozen(tiny):
+    s = make(tiny, epochs=1, batch_size=8)
+    bm = stream(per_class=8)
+    frozen = {k: v.clone() for k, v in tiny.state_dict().items()}
+    before = s.model.e_prompt.detach().clone()
+    key_before = s.model.e_key.detach().clone()
+    s.train(bm.train_stream[0])
+    e0 = s.model.e_prompt.detach().clone()
+    assert not torch.equal(e0[:, 0], before[:, 0])  # task 0's E-prompt learnt
+    assert torch.equal(e0[:, 1:], before[:, 1:])  # the others untouched
+    s.experience, s.task_id = bm.train_stream[1], 1
+    s.task_start()
+    assert torch.equal(s.model.e_prompt[:, 1], e0[:, 0])  # new E-prompt = previous one
+    assert not torch.equal(s.model.e_key[1], s.model.e_key[0])  # keys are not copied
+    s.train(bm.train_stream[1])
+    assert torch.equal(s.model.e_prompt[:, 0], e0[:, 0])  # task 0's E-prompt kept
+    assert not torch.equal(s.model.e_key[1], key_before[1])  # task 1's key pulled
+    assert all(torch.equal(frozen[k], v) for k, v in tiny.state_dict().items())
+    assert all(p.grad is None for p in tiny.parameters())
+    # one explicit backward in task 1: grads on G, E/key row 1 and the head only
+    s.model.train()
+    s.model.zero_grad()
+    x = bm.train_stream[1].dataset[0][0][None]
+    loss = s.model(x)[:, 2:4].logsumexp(1).sum() + s.model.pull
+    loss.backward()
+    assert all(p.grad is None for p in tiny.parameters())
+    g = s.model.e_prompt.grad.abs().flatten(2).sum(-1)  # (layers, pool)
+    assert (g[:, 1] > 0).all() and (g[:, [0, 2, 3, 4]] == 0).all()
+    kg = s.model.e_key.grad.abs().sum(1)
+    assert kg[1] > 0 and (kg[[0, 2, 3, 4]] == 0).all()
+    assert s.model.g_prompt.grad.abs().sum() > 0 and s.model.head.weight.grad.abs().sum() > 0
+
+
+def test_stream_run_and_batch_size_invariance(tiny):
+    s = make(tiny, epochs=1, batch_size=8)
+    bm = stream()
+    for i, exp in enumerate(bm.train_stream):
+        s.train(exp)
+        res = s.eval(bm.test_stream[: i + 1])
+        assert 0.0 <= res[f"Top1_Acc_Exp/eval_phase/test_stream/Exp{i:03d}"] <= 1.0
+    x = torch.stack([bm.test_stream[j].dataset[k][0] for j in range(5) for k in range(16)])
+    s.model.eval()
+    with torch.no_grad():
+        # queries of a random-init ViT are nearly parallel, so after training every image picks
+        # the same key; aim each key at one test image so that the batch mixes E-prompts
+        s.model.e_key.copy_(tiny.query(x[::16]))
+        assert len(set(s.model.select(tiny.query(x)).tolist())) == 5
+        whole = s.model(x)
+        single = torch.cat([s.model(x[i:i + 1]) for i in range(len(x))])
+    assert torch.equal(whole.argmax(1), single.argmax(1))
+    assert torch.allclose(whole, single, atol=1e-4)
+    acc64 = s.eval(bm.test_stream)
+    s.eval_mb_size = 1
+    assert s.eval(bm.test_stream) == pytest.approx(acc64)
+
+
+def test_pool_smaller_than_stream_is_an_error(tiny):
+    s = make(tiny, pool_size=2, epochs=1)
+    bm = stream(per_class=2)
+    s.train(bm.train_stream[0])
+    s.train(bm.train_stream[1])
+    with pytest.raises(ValueError, match="pool_size"):
+        s.train(bm.train_stream[2])
+
+
+@pytest.mark.parametrize("protocol,count", [("cifar100-10t", 253_440), ("imagenet-r-10t", 944_640)])
+def test_vit_b16_parameter_counts(protocol, count):
+    vit = backbones.load("sup21k", random_init=True).vit
+    s = registry.create("dualprompt", vit=vit, num_classes=100,
+                        hparams=registry.resolve_hparams("dualprompt", protocol))
+    assert sum(p.numel() for _, p in s.model.added_parameters()) == count

@@ -1,0 +1,142 @@
+"""L2P on the tiny ViT with synthetic data: per-sample top-N selection, key pull, frozen backbone,
+batch-size-invariant evaluation, the published ViT-B/16 parameter count."""
+import pytest
+import torch
+from avalanche.benchmarks.scenarios.supervised import class_incremental_benchmark
+from avalanche.benchmarks.utils import DataAttribute, TransformGroups, make_avalanche_dataset
+
+from methods import backbones, registry
+from methods.l2p import L2PModel
+
+torch.set_num_threads(1)
+PROTOCOLS = ("cifar100-10t", "imagenet-r-5t", "imagenet-r-10t", "imagenet-r-20t", "cub200-10t",
+             "fmnist-5t")
+
+
+class Synthetic(torch.utils.data.Dataset):
+    """10 classes, each a fixed random 28x28 pattern plus noise (separable, no download)."""
+
+    def __init__(self, per_class: int, seed: int):
+        patterns = torch.rand(10, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+        self.targets = [c for c in range(10) for _ in range(per_class)]
+        noise = torch.randn(len(self.targets), 1, 28, 28, generator=torch.Generator().manual_seed(seed))
+        self.x = patterns[self.targets] + 0.1 * noise
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return self.x[i], self.targets[i]
+
+
+def stream(per_class: int = 16):
+    def wrap(d):
+        return make_avalanche_dataset(d, data_attributes=[DataAttribute(d.targets, "targets")],
+                                      transform_groups=TransformGroups({"train": None, "eval": None}))
+    return class_incremental_benchmark({"train": wrap(Synthetic(per_class, 1)),
+                                        "test": wrap(Synthetic(8, 2))},
+                                       class_order=list(range(10)), num_classes_per_exp=[2] * 5)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return backbones.load("tiny", random_init=True).vit
+
+
+def make(tiny, **over):
+    torch.manual_seed(0)
+    hp = registry.resolve_hparams("l2p", "fmnist-5t", over)
+    return registry.create("l2p", vit=tiny, num_classes=10, hparams=hp, eval_mb_size=64)
+
+
+def test_defaults_cover_every_protocol():
+    for p in PROTOCOLS:
+        registry.resolve_hparams("l2p", p)
+    assert registry.resolve_hparams("l2p", "cifar100-10t")["top_k"] == 5
+
+
+def test_topk_selection_is_per_sample(tiny):
+    torch.manual_seed(0)
+    model = L2PModel(tiny, 10, pool_size=10, prompt_length=3, top_k=3).eval()
+    x = torch.randn(6, 1, 28, 28)
+    idx, sim = model.select(tiny.query(x))
+    assert idx.shape == (6, 3) and sim.shape == (6, 10)
+    for b in range(6):  # each row: exactly that sample's own 3 best keys
+        assert set(idx[b].tolist()) == set(sim[b].argsort(descending=True)[:3].tolist())
+    rows = {tuple(sorted(r)) for r in idx.tolist()}
+    assert len(rows) > 1, "random keys should give different selections across samples"
+    feats = model.features(x)
+    assert feats.shape == (6, tiny.embed_dim)
+    # a prompt chosen by sample b but not by sample a changes b's feature only
+    a, b = next((a, b) for a in range(6) for b in range(6) if set(idx[b].tolist()) - set(idx[a].tolist()))
+    j = (set(idx[b].tolist()) - set(idx[a].tolist())).pop()
+    with torch.no_grad():
+        model.prompts[j] += torch.randn_like(model.prompts[j])
+        after = model.features(x)
+    assert torch.allclose(after[a], feats[a], atol=1e-6)
+    assert not torch.allclose(after[b], feats[b], atol=1e-4)
+
+
+def test_key_pull_reaches_only_selected_keys(tiny):
+    torch.manual_seed(0)
+    model = L2PModel(tiny, 10, pool_size=10, prompt_length=3, top_k=2).train()
+    x = torch.randn(3, 1, 28, 28)
+    model.features(x)
+    model.pull.backward()
+    idx, _ = model.select(tiny.query(x))
+    touched = set(torch.nonzero(model.keys.grad.abs().sum(1)).flatten().tolist())
+    assert touched == set(idx.flatten().tolist())
+    assert model.pull.item() >= 0
+
+
+def test_training_touches_only_prompts_keys_and_head(tiny):
+    s = make(tiny, epochs=1)
+    bm = stream(per_class=8)
+    frozen = {k: v.clone() for k, v in tiny.state_dict().items()}
+    before = {k: v.clone() for k, v in s.model.method_state_dict().items()}
+    s.train(bm.train_stream[0])
+    assert all(torch.equal(frozen[k], v) for k, v in tiny.state_dict().items())
+    assert all(p.grad is None for p in tiny.parameters())
+    after = s.model.method_state_dict()
+    for name in ("prompts", "keys", "head.weight"):
+        assert not torch.equal(before[name], after[name]), name
+    # one explicit backward: gradients on prompts, keys and head, none on the backbone
+    s.model.train()
+    s.model.zero_grad()
+    x, y = bm.train_stream[0].dataset[0][0][None], torch.tensor([0])
+    loss = torch.nn.functional.cross_entropy(s.model(x), y) + s.hp.pull_coeff * s.model.pull
+    loss.backward()
+    assert all(p.grad is None for p in tiny.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0
+               for p in (s.model.prompts, s.model.keys, s.model.head.weight))
+
+
+def test_stream_run_and_batch_size_invariance(tiny):
+    s = make(tiny, epochs=1, batch_size=8)
+    bm = stream()
+    for i, exp in enumerate(bm.train_stream):
+        s.train(exp)
+        res = s.eval(bm.test_stream[: i + 1])
+        assert all(0.0 <= res[f"Top1_Acc_Exp/eval_phase/test_stream/Exp{j:03d}"] <= 1.0
+                   for j in range(i + 1))
+    x = torch.stack([bm.test_stream[j].dataset[k][0] for j in range(5) for k in range(16)])
+    s.model.eval()
+    with torch.no_grad():
+        # queries of a random-init ViT are nearly parallel; aim the keys at test images so that
+        # the batch mixes prompt sets
+        s.model.keys.copy_(tiny.query(x[::8]))
+        assert len({tuple(sorted(r)) for r in s.model.select(tiny.query(x))[0].tolist()}) > 3
+        whole = s.model(x)
+        single = torch.cat([s.model(x[i:i + 1]) for i in range(len(x))])
+    assert torch.equal(whole.argmax(1), single.argmax(1))
+    assert torch.allclose(whole, single, atol=1e-4)
+    acc64 = s.eval(bm.test_stream)
+    s.eval_mb_size = 1
+    assert s.eval(bm.test_stream) == pytest.approx(acc64)
+
+
+def test_vit_b16_parameter_count():
+    vit = backbones.load("sup21k", random_init=True).vit
+    s = registry.create("l2p", vit=vit, num_classes=100,
+                        hparams=registry.resolve_hparams("l2p", "cifar100-10t"))
+    assert sum(p.numel() for _, p in s.model.added_parameters()) == 46_080
