@@ -1,0 +1,149 @@
+"""VQ-Prompt on the tiny ViT: quantisation, straight-through gradients, loss weights, alignment
+stage, batch-size invariance, and the ViT-B/16 parameter count."""
+import pytest
+import torch
+import torch.nn.functional as F
+from avalanche.benchmarks.scenarios.supervised import class_incremental_benchmark
+from avalanche.benchmarks.utils import DataAttribute, TransformGroups, make_avalanche_dataset
+
+from methods import backbones, registry
+from methods.vq_prompt import VQPromptHparams, VQPromptModel
+
+torch.set_num_threads(1)
+PROTOCOLS = ["cifar100-10t", "imagenet-r-5t", "imagenet-r-10t", "imagenet-r-20t", "cub200-10t",
+             "fmnist-5t"]
+
+
+class Images(torch.utils.data.Dataset):
+    """Per class a fixed random 28x28 template plus noise: separable by a random tiny ViT."""
+
+    def __init__(self, n_classes: int, per_class: int, seed: int):
+        templates = torch.rand(n_classes, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+        g = torch.Generator().manual_seed(seed)
+        self.targets = [c for c in range(n_classes) for _ in range(per_class)]
+        self.x = torch.stack([templates[c] + 0.2 * torch.randn(1, 28, 28, generator=g)
+                              for c in self.targets])
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return self.x[i], self.targets[i]
+
+
+def stream(n_classes=4, per_task=2, train=16, test=8):
+    def wrap(d):
+        return make_avalanche_dataset(d, data_attributes=[DataAttribute(d.targets, "targets")],
+                                      transform_groups=TransformGroups({"train": None, "eval": None}))
+    return class_incremental_benchmark(
+        {"train": wrap(Images(n_classes, train, 1)), "test": wrap(Images(n_classes, test, 2))},
+        class_order=list(range(n_classes)), num_classes_per_exp=[per_task] * (n_classes // per_task))
+
+
+@pytest.fixture(scope="module")
+def vit():
+    torch.manual_seed(0)
+    return backbones.load("tiny", random_init=True).vit
+
+
+def tiny_model(vit, **kw):
+    torch.manual_seed(1)
+    return VQPromptModel(vit, 4, VQPromptHparams(prompt_layers=[0, 1, 2], **kw))
+
+
+def test_quantised_prompt_is_always_a_pool_element(vit):
+    m = tiny_model(vit)
+    q = torch.randn(64, vit.embed_dim) * 3
+    p, idx, _ = m.quantise(q)
+    assert p.shape == (3, 64, 8, vit.embed_dim) and idx.shape == (64, 3)
+    for layer in range(3):
+        cont = torch.einsum("bn,ntd->btd", torch.softmax(
+            q @ F.normalize(m.keys[layer], dim=-1).T / m.tau, -1), m.prompts[layer])
+        nearest = torch.cdist(cont.flatten(1), m.prompts[layer].flatten(1)).argmin(1)
+        assert torch.equal(idx[:, layer], nearest)
+        for b in range(64):
+            assert torch.equal(p[layer, b], m.prompts[layer, idx[b, layer]])  # exactly, not close
+    assert len(set(idx[:, 0].tolist())) > 1  # different samples, different elements
+
+
+def test_prefix_fed_to_the_vit_is_the_pool_element(vit):
+    m = tiny_model(vit).eval()
+    x = torch.rand(3, 1, 28, 28)
+    with torch.no_grad():
+        f = m.features(x)
+        idx = m.last_index
+        prefix = {l: (m.prompts[i, idx[:, i], :4], m.prompts[i, idx[:, i], 4:])
+                  for i, l in enumerate(m.layers)}
+        assert torch.allclose(f, vit(x, prefix=prefix), atol=1e-6)
+
+
+def test_straight_through_gradient_reaches_keys_and_pool(vit):
+    m = tiny_model(vit).train()
+    x = torch.rand(6, 1, 28, 28)
+    loss = F.cross_entropy(m(x), torch.tensor([0, 1, 2, 3, 0, 1]))  # CE alone, no VQ terms
+    loss.backward()
+    assert m.keys.grad is not None and m.keys.grad.abs().sum() > 0
+    assert torch.isfinite(m.keys.grad).all()
+    # the weighted sum spreads CE's gradient over every pool element, chosen or not
+    assert (m.prompts.grad.flatten(2).abs().sum(-1) > 0).all()
+
+
+def test_loss_weights_paper_and_code_swap(vit):
+    """Keys get gradient only through p' (the commitment term): its weight is 0.1 in the paper
+    and 0.4 in the code, so the key gradient of the VQ loss is 4x larger with the code's weights."""
+    q = torch.randn(8, vit.embed_dim)
+    grads = {}
+    for code in (False, True):
+        m = tiny_model(vit, code_loss_weights=code)
+        _, _, loss = m.quantise(q)
+        loss.backward()
+        grads[code] = m.keys.grad.clone()
+        assert (m.w_pool, m.w_commit) == ((0.1, 0.4) if code else (0.4, 0.1))
+    assert grads[False].abs().sum() > 0
+    assert torch.allclose(grads[True], 4 * grads[False], rtol=1e-4, atol=1e-9)
+
+
+def test_training_two_tasks_alignment_and_batch_size_invariance(vit):
+    bm = stream()
+    torch.manual_seed(0)
+    hp = registry.resolve_hparams("vq_prompt", "fmnist-5t", {"epochs": 1, "batch_size": 8,
+                                                             "align_epochs": 2})
+    s = registry.create("vq_prompt", vit=vit, num_classes=4, hparams=hp, eval_mb_size=32)
+    s.train(bm.train_stream[0])
+    head_before = s.model.head.weight.detach().clone()
+    keys_before = s.model.keys.detach().clone()
+    assert s.stats.classes() == [0, 1]
+    s.train(bm.train_stream[1])
+    assert s.stats.classes() == [0, 1, 2, 3]
+    assert not torch.equal(s.model.keys, keys_before)  # the shared pool keeps learning
+    assert not torch.equal(s.model.head.weight[:2], head_before[:2])  # old rows re-fitted
+    res = {}
+    for mb in (1, 5, 32):
+        s.eval_mb_size = mb
+        r = s.eval(bm.test_stream)
+        res[mb] = [r[f"Top1_Acc_Exp/eval_phase/test_stream/Exp{j:03d}"] for j in range(2)]
+    assert res[1] == res[5] == res[32]
+    s.model.eval()
+    xs = torch.stack([bm.test_stream[1].dataset.eval()[i][0] for i in range(8)])
+    with torch.no_grad():
+        whole = s.model(xs)
+        alone = torch.cat([s.model(xs[i:i + 1]) for i in range(8)])
+    assert torch.allclose(whole, alone, atol=1e-5)
+
+
+def test_defaults_cover_every_protocol_and_cost_attributes():
+    cls = registry.get("vq_prompt")
+    for p in PROTOCOLS:
+        hp = registry.resolve_hparams("vq_prompt", p)
+        assert hp["pool_size"] == 10 and hp["prompt_length"] == 8
+    assert registry.resolve_hparams("vq_prompt", "cub200-10t")["tau"] == 5.0
+    assert registry.resolve_hparams("vq_prompt", "fmnist-5t")["epochs"] <= 4
+    assert (cls.passes_train, cls.passes_test) == (2, 2)
+
+
+def test_vit_b16_parameter_count():
+    vit_b = backbones.load("sup21k", random_init=True).vit
+    hp = registry.resolve_hparams("vq_prompt", "cifar100-10t")
+    m = VQPromptModel(vit_b, 100, VQPromptHparams(**hp))
+    assert sum(p.numel() for _, p in m.added_parameters()) == 345_600
+    assert sum(p.numel() for p in m.head.parameters()) == 76_900
