@@ -132,8 +132,8 @@ class VQPrompt(PromptStrategy):
         "imagenet-r-20t": dict(epochs=20, batch_size=64, lr=0.0025, align_samples_per_class=256),
         "cub200-10t": dict(epochs=20, batch_size=128, lr=0.0025, tau=5.0,
                            align_samples_per_class=256),
-        "fmnist-5t": dict(epochs=2, batch_size=32, lr=0.01, prompt_layers=[0, 1, 2],
-                          align_samples_per_class=64, align_lr=1e-3, align_min_lr=1e-5),
+        "fmnist-5t": dict(epochs=2, batch_size=32, lr=0.005, prompt_layers=[0, 1, 2],
+                          align_samples_per_class=64, align_lr=1e-2, align_min_lr=1e-5),
     }
     passes_train = 2  # frozen query pass + prompted pass
     passes_test = 2
@@ -169,7 +169,3 @@ class VQPrompt(PromptStrategy):
         gen = torch.Generator().manual_seed(int(torch.randint(2 ** 31 - 1, (1,))))
         align_classifier(self.model.head, self.stats, self.seen_classes, cfg, generator=gen,
                          device=self.device)
-
-    def cost_forward(self, x: Tensor, training: bool) -> Tensor:
-        """One image's forward as in training / at test (both: query pass + prompted pass)."""
-        return self.model(x)

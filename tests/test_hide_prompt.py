@@ -55,7 +55,7 @@ def trained(vit):
     torch.manual_seed(0)
     hp = registry.resolve_hparams("hide_prompt", "fmnist-5t", {
         "epochs": 1, "batch_size": 8, "tii_epochs": 15, "tii_batch_size": 8, "tii_lr": 1e-2,
-        "n_centroids": 2, "tap_epochs": 3})
+        "n_centroids": 2, "tap_epochs": 3, "tii_cache_features": False})
     s = registry.create("hide_prompt", vit=vit, num_classes=4, hparams=hp, eval_mb_size=32)
     snapshots = {}
     s.train(bm.train_stream[0])
