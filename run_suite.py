@@ -137,7 +137,9 @@ def plan(args: argparse.Namespace):
                 runs = [(m, overrides.get(m, {}), "", "main") for m in methods]
             for method, ov, label, table in runs:
                 for seed in range(args.seeds):
-                    specs.append(RunSpec(proto.name, bb, method, seed, ov, label, table))
+                    # a YAML path stays a (resolved) path, so workers elsewhere can read it
+                    where = str(Path(pname).resolve()) if Path(pname).suffix else proto.name
+                    specs.append(RunSpec(where, bb, method, seed, ov, label, table))
     return specs
 
 

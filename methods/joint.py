@@ -1,8 +1,10 @@
 """`joint`: the upper bound. The frozen backbone and a linear head trained once on the union of
 all tasks (offline, all classes at once), as Avalanche's `JointTraining` does.
 
-Its accuracy matrix is filled from that single model: acc[j][i] is its accuracy on task j for
-every i >= j (the runner evaluates it once), so CAA equals FAA and FFM = BWT = 0 by construction.
+Its accuracy matrix comes from that single model: after "task i" the runner evaluates it on tasks
+0..i with the logits masked to the classes of those tasks, exactly as every other method is
+evaluated at that step. Each column is then an upper bound for that step (so CAA is one too); its
+final column is the usual joint-training accuracy.
 """
 from __future__ import annotations
 
