@@ -134,12 +134,14 @@ def test_stream_run_and_batch_size_invariance(tiny):
     assert s.eval(bm.test_stream) == pytest.approx(acc64)
 
 
-def test_n_tasks_must_match_the_stream(tiny):
+def test_sizes_must_fit_the_stream_and_the_vit(tiny):
     s = make(tiny, n_tasks=10, epochs=1)
     with pytest.raises(ValueError, match="n_tasks=5"):
         s.train(stream(per_class=2).train_stream[0])
     with pytest.raises(ValueError, match="split evenly"):
         make(tiny, n_components=21)
+    with pytest.raises(ValueError, match="embedding size"):
+        make(tiny, n_components=100)  # 100 keys cannot be orthogonal in 64 dimensions
 
 
 def test_vit_b16_parameter_count():

@@ -46,7 +46,7 @@ def test_expected_parameter_counts_on_tiny(tiny):
     rows = {m: cost_row(m, tiny, 10, registry.resolve_hparams(m, "fmnist-5t"))["trainable_params"]
             for m in ("l2p", "dualprompt", "coda_prompt")}
     d = 64
-    assert rows["l2p"] == 10 * 3 * d + 10 * d  # pool 10 x length 3, + 10 keys
+    assert rows["l2p"] == 10 * 2 * d + 10 * d  # pool 10 x length 2, + 10 keys
     assert rows["dualprompt"] == 2 * 2 * 5 * d + 3 * 2 * 5 * 5 * d + 5 * d  # G + E pool 5 + keys
     assert rows["coda_prompt"] == 5 * 20 * (8 * d + d + d)  # 5 layers x 20 components (P, K, A)
 
