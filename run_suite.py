@@ -54,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--leaderboard-dir", default="leaderboard", help="where the markdown goes")
     ap.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda:0, ...")
     ap.add_argument("--eval-batch-size", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads per run (default: torch's choice)")
     ap.add_argument("--plugin", action="append", default=[], metavar="FILE.py|module",
                     help="import a method plugin (repeatable)")
     ap.add_argument("--download", action="store_true", help="let torchvision download Fashion-MNIST")
@@ -206,7 +208,8 @@ def sweep(args: argparse.Namespace, specs) -> list[dict]:
         return []
     options = RunOptions(data_root=args.data_root, weights_dir=args.weights_dir, device=args.device,
                          eval_batch_size=args.eval_batch_size, quiet=True if args.quiet else not sys.stderr.isatty(),
-                         download=args.download, allow_download=args.allow_download)
+                         download=args.download, allow_download=args.allow_download,
+                         threads=args.threads)
     kw: dict = {}
     if args.executor == "ray":
         kw = {"address": args.address, "num_gpus": 1.0 if options.device != "cpu" and _has_cuda() else 0.0}

@@ -60,6 +60,7 @@ class RunOptions:
     download: bool = False
     allow_download: bool = False
     random_init: bool = False  # backbone without weights: tests and cost only (sha256 says so)
+    threads: int | None = None  # torch CPU threads for this run (None: torch's default)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -161,6 +162,8 @@ def run(spec: RunSpec, options: RunOptions = RunOptions()) -> dict[str, Any]:
     from avalanche.training.determinism.rng_manager import RNGManager
 
     start = time.time()
+    if options.threads:
+        torch.set_num_threads(options.threads)
     protocol = load_protocol(spec.protocol)
     resolved = resolve(spec, protocol)
     device = resolve_device(options.device)
