@@ -63,7 +63,10 @@ class ClassStatistics:
     """Per-class Gaussian statistics of the head's input feature (see the module docstring).
 
     covariance: "diag" (HiDe / VQ / SMoPE code) or "full"; n_centroids: Gaussians per class
-    (HiDe 10, VQ and SMoPE 1 = plain moments); eps: added to the (co)variance when sampling.
+    (HiDe 10, VQ and SMoPE 1 = plain moments); eps: added to the (co)variance when sampling;
+    seed: of the k-means initialisation (per class). Variances are the biased (1/n) moments of
+    each cluster, as the code's np.var. A one-point cluster keeps eps*I as its covariance (the
+    HiDe code skips such clusters when sampling).
     """
 
     def __init__(self, covariance: str = "diag", n_centroids: int = 1, eps: float = 1e-4,
@@ -93,7 +96,7 @@ class ClassStatistics:
                 xj = x[assign == j]
                 mu = xj.mean(0)
                 xc = xj - mu
-                denom = max(xj.shape[0] - 1, 1)  # unbiased, as torch.var / np.cov
+                denom = xj.shape[0]  # biased, as np.var in the HiDe / VQ / SMoPE code
                 if self.covariance == "diag":
                     spreads.append((xc ** 2).sum(0) / denom)
                 else:

@@ -6,6 +6,7 @@ from torch import nn
 from methods.alignment import (AlignmentConfig, ClassStatistics, align_classifier,
                                collect_features, kmeans)
 
+torch.set_num_threads(1)
 D = 16
 
 
