@@ -19,6 +19,11 @@ samples from diagonal Gaussian statistics of the prompted features of every seen
 classes, as the code's "representation statistics" step).
 
 Departures from the paper / code, named:
+- the query is not L2-normalised in the key match (the code; the paper's figure says cosine);
+- prompts and keys train at 5x the head's lr (the code, after HiDe; the paper states one lr);
+- the alignment's per-class sample counts, lr (ca_lr / 10), weight decay and iteration count are
+  the code's (the paper says only "ten epochs"); the code's first alignment step at 1e-4
+  (scheduler quirk) is not reproduced;
 - the code's frozen warm start (the first `schedule[0]` iterations at lr 1e-6) and its scheduler
   quirk (first step of each task at the full lr) are not reproduced: the suite's one per-iteration
   cosine from the base lr is used; CUB uses it too (the code uses a per-epoch cosine there);
