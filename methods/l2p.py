@@ -76,7 +76,8 @@ class L2P(PromptStrategy):
     - Pull loss written as lambda * mean_b sum_{selected} (1 - cos(q_b, k)); the code subtracts
       lambda * mean_b sum cos. Same gradients, but the loss stays non-negative.
     - lambda = 0.1 (official code, first JAX release and l2p-pytorch); the paper text says 0.5
-      ("not sensitive").
+      ("not sensitive"): the keys get gradient from this term alone, so under Adam lambda only
+      matters through gradient clipping (fmnist-5t gave identical runs at 0.1 and 0.5).
     - Learning rate: the paper's 0.03 at batch 128 with the official JAX rule lr * batch / 256,
       i.e. 0.015 (l2p-pytorch scales by the per-GPU batch instead, 0.001875).
     - ImageNet-R and CUB are not in the L2P paper: the prompt settings stay the CIFAR ones and the
