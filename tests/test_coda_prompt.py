@@ -149,3 +149,16 @@ def test_vit_b16_parameter_count():
     s = registry.create("coda_prompt", vit=vit, num_classes=100,
                         hparams=registry.resolve_hparams("coda_prompt", "cifar100-10t"))
     assert sum(p.numel() for _, p in s.model.added_parameters()) == 3_840_000
+
+
+def test_prompt_lr_mult_splits_head_from_current_slice(tiny):
+    assert registry.resolve_hparams("coda_prompt", "cifar100-10t")["prompt_lr_mult"] == 1.0
+    s = make(tiny, prompt_lr_mult=1.0)  # 1.0: one group at lr, as the code
+    assert len(s.param_groups()) == 1 and "lr" not in s.param_groups()[0]
+    s = make(tiny, lr=0.01, prompt_lr_mult=0.2)
+    prompts, head = s.param_groups()
+    m = s.model
+    current = {id(g[0]) for g in m._groups()}  # task 0's slice, the only trainable one
+    assert {id(p) for p in prompts["params"]} == current
+    assert {id(p) for p in head["params"]} == {id(p) for p in m.head.parameters()}
+    assert prompts["lr"] == pytest.approx(0.002) and head["lr"] == 0.01

@@ -130,3 +130,25 @@ def test_vit_b16_parameter_counts(protocol, count):
     s = registry.create("dualprompt", vit=vit, num_classes=100,
                         hparams=registry.resolve_hparams("dualprompt", protocol))
     assert sum(p.numel() for _, p in s.model.added_parameters()) == count
+
+
+def test_prompt_lr_mult_splits_head_from_prompts(tiny):
+    assert registry.resolve_hparams("dualprompt", "cifar100-10t")["prompt_lr_mult"] == 1.0
+    s = make(tiny, prompt_lr_mult=1.0)  # 1.0: one group at lr, as the code
+    assert len(s.param_groups()) == 1 and "lr" not in s.param_groups()[0]
+    s = make(tiny, lr=0.01, prompt_lr_mult=0.2)
+    prompts, head = s.param_groups()
+    m = s.model
+    assert {id(p) for p in prompts["params"]} == {id(m.g_prompt), id(m.e_prompt), id(m.e_key)}
+    assert {id(p) for p in head["params"]} == {id(p) for p in m.head.parameters()}
+    assert prompts["lr"] == pytest.approx(0.002) and head["lr"] == 0.01
+
+
+def test_prompt_init_pytorch_or_flax(tiny):
+    m = make(tiny).model
+    assert m.e_prompt.min() < -0.5 and m.e_prompt.max() > 0.5  # U[-1, 1], dualprompt-pytorch
+    m = make(tiny, prompt_init="flax").model
+    for p in (m.g_prompt, m.e_prompt, m.e_key):  # U[0, 0.01), flax's uniform() as the JAX code
+        assert 0 <= p.min() and p.max() < 0.01
+    with pytest.raises(ValueError, match="prompt_init"):
+        make(tiny, prompt_init="normal")

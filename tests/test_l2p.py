@@ -140,3 +140,24 @@ def test_vit_b16_parameter_count():
     s = registry.create("l2p", vit=vit, num_classes=100,
                         hparams=registry.resolve_hparams("l2p", "cifar100-10t"))
     assert sum(p.numel() for _, p in s.model.added_parameters()) == 46_080
+
+
+def test_prompt_lr_mult_splits_head_from_prompts(tiny):
+    assert registry.resolve_hparams("l2p", "cifar100-10t")["prompt_lr_mult"] == 1.0
+    s = make(tiny, prompt_lr_mult=1.0)  # 1.0: one group at lr, as the code
+    assert len(s.param_groups()) == 1 and "lr" not in s.param_groups()[0]
+    s = make(tiny, lr=0.01, prompt_lr_mult=0.2)
+    prompts, head = s.param_groups()
+    assert {id(p) for p in prompts["params"]} == {id(s.model.prompts), id(s.model.keys)}
+    assert {id(p) for p in head["params"]} == {id(p) for p in s.model.head.parameters()}
+    assert prompts["lr"] == pytest.approx(0.002) and head["lr"] == 0.01
+
+
+def test_prompt_init_pytorch_or_flax(tiny):
+    m = make(tiny).model
+    assert m.prompts.min() < -0.5 and m.prompts.max() > 0.5  # U[-1, 1], l2p-pytorch
+    m = make(tiny, prompt_init="flax").model
+    for p in (m.prompts, m.keys):  # U[0, 0.01), flax's uniform() as the JAX code
+        assert 0 <= p.min() and p.max() < 0.01
+    with pytest.raises(ValueError, match="prompt_init"):
+        make(tiny, prompt_init="normal")
