@@ -40,6 +40,9 @@ class Hparams:
     momentum: float = 0.9  # sgd only
     schedule: str = "cosine"  # cosine (per iteration, to 0) | constant
     clip_grad: float = 0.0  # max grad norm; 0 = off
+    # what the method adds (prompts, keys, ...) trains at lr * prompt_lr_mult, the head at lr;
+    # 1.0 = one group (HiDe-Prompt, VQ-Prompt and SMoPE code run prompts at 5x)
+    prompt_lr_mult: float = 1.0
 
     def __post_init__(self):
         if self.optimizer not in ("adam", "adamw", "sgd"):
@@ -127,9 +130,16 @@ class PromptStrategy(SupervisedTemplate):
         return PromptModel(vit, num_classes)
 
     def param_groups(self) -> list[dict]:
-        """Optimizer parameter groups: by default every parameter that requires grad, at `lr`.
-        Methods with several learning rates (e.g. prompts at 5x) override this."""
-        return [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
+        """Optimizer parameter groups over what requires grad: one group at `lr`, or, with
+        `prompt_lr_mult != 1`, the method's own parameters at lr * prompt_lr_mult and the head at
+        lr. Methods with other splits override this."""
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if self.hp.prompt_lr_mult == 1.0:
+            return [{"params": trainable}]
+        head = {id(p) for p in self.model.head.parameters()}
+        return [{"params": [p for p in trainable if id(p) not in head],
+                 "lr": self.hp.lr * self.hp.prompt_lr_mult},
+                {"params": [p for p in trainable if id(p) in head], "lr": self.hp.lr}]
 
     def task_start(self) -> None:
         """Per-task set-up before the optimizer is built (freeze, initialise, snapshot)."""

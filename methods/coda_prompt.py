@@ -39,9 +39,6 @@ class CodaHparams(Hparams):
     prompt_length: int = 8  # tokens per component: 4 key + 4 value
     layers: tuple[int, ...] = (0, 1, 2, 3, 4)
     ortho_weight: float = 0.0  # mu of the orthogonality penalty (current code 0.0, paper 0.1)
-    # prompt parameters (and keys) at lr * prompt_lr_mult, the head at lr; 1.0 = one group, as the
-    # code (HiDe and VQ-Prompt code run prompts at 5x)
-    prompt_lr_mult: float = 1.0
 
 
 def gram_schmidt(new: Tensor, old: Tensor) -> Tensor:
@@ -173,15 +170,6 @@ class CodaPrompt(PromptStrategy):
         "fmnist-5t": dict(epochs=2, batch_size=32, lr=0.01, n_tasks=5, n_components=20,
                           prompt_lr_mult=0.5),
     }
-
-    def param_groups(self) -> list[dict]:
-        if self.hp.prompt_lr_mult == 1.0:
-            return super().param_groups()
-        head = list(self.model.head.parameters())
-        ids = {id(p) for p in head}
-        rest = [p for p in self.model.parameters() if p.requires_grad and id(p) not in ids]
-        return [{"params": rest, "lr": self.hp.lr * self.hp.prompt_lr_mult},
-                {"params": head, "lr": self.hp.lr}]
 
     def build_model(self, vit: PromptedViT, num_classes: int) -> CodaModel:
         return CodaModel(vit, num_classes, self.hp)

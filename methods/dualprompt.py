@@ -42,9 +42,6 @@ class DualPromptHparams(Hparams):
     # G/E prompt and key init: "uniform" = U[-1, 1] (dualprompt-pytorch); "flax" = U[0, 0.01), the
     # official JAX code's `nn.initializers.uniform()` (prefix, prompt pool and keys)
     prompt_init: str = "uniform"
-    # prompt parameters (and keys) at lr * prompt_lr_mult, the head at lr; 1.0 = one group, as the
-    # code (HiDe and VQ-Prompt code run prompts at 5x)
-    prompt_lr_mult: float = 1.0
 
     def __post_init__(self):
         super().__post_init__()
@@ -144,15 +141,6 @@ class DualPrompt(PromptStrategy):
         "cub200-10t": dict(epochs=5, lr=0.03 * 128 / 256, e_length=20, pool_size=10),
         "fmnist-5t": dict(epochs=2, batch_size=32, lr=0.005, e_length=5, pool_size=5),
     }
-
-    def param_groups(self) -> list[dict]:
-        if self.hp.prompt_lr_mult == 1.0:
-            return super().param_groups()
-        head = list(self.model.head.parameters())
-        ids = {id(p) for p in head}
-        rest = [p for p in self.model.parameters() if p.requires_grad and id(p) not in ids]
-        return [{"params": rest, "lr": self.hp.lr * self.hp.prompt_lr_mult},
-                {"params": head, "lr": self.hp.lr}]
 
     def build_model(self, vit: PromptedViT, num_classes: int) -> DualPromptModel:
         return DualPromptModel(vit, num_classes, self.hp)

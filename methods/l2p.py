@@ -37,9 +37,6 @@ class L2PHparams(Hparams):
     # prompt and key init: "uniform" = U[-1, 1] (l2p-pytorch); "flax" = U[0, 0.01), the official
     # JAX code's `nn.initializers.uniform()` (its `initializer="uniform"`, `prompt_key_init="uniform"`)
     prompt_init: str = "uniform"
-    # prompt parameters (and keys) at lr * prompt_lr_mult, the head at lr; 1.0 = one group, as the
-    # code (HiDe and VQ-Prompt code run prompts at 5x)
-    prompt_lr_mult: float = 1.0
 
     def __post_init__(self):
         super().__post_init__()
@@ -125,15 +122,6 @@ class L2P(PromptStrategy):
         "fmnist-5t": dict(epochs=3, batch_size=32, lr=0.01, schedule="constant", prompt_length=2,
                           top_k=5, prompt_lr_mult=0.2),
     }
-
-    def param_groups(self) -> list[dict]:
-        if self.hp.prompt_lr_mult == 1.0:
-            return super().param_groups()
-        head = list(self.model.head.parameters())
-        ids = {id(p) for p in head}
-        rest = [p for p in self.model.parameters() if p.requires_grad and id(p) not in ids]
-        return [{"params": rest, "lr": self.hp.lr * self.hp.prompt_lr_mult},
-                {"params": head, "lr": self.hp.lr}]
 
     def build_model(self, vit: PromptedViT, num_classes: int) -> L2PModel:
         hp = self.hp

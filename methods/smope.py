@@ -357,12 +357,6 @@ class SMoPE(PromptStrategy):
     def build_model(self, vit: PromptedViT, num_classes: int) -> SMoPEModel:
         return SMoPEModel(vit, num_classes, self.hp)
 
-    def param_groups(self) -> list[dict]:
-        """Two AdamW groups as the code: the experts at prompt_lr_mult * lr, the head at lr."""
-        m = self.model
-        return [{"params": [m.key, m.value], "lr": self.hp.lr * self.hp.prompt_lr_mult},
-                {"params": list(m.head.parameters()), "lr": self.hp.lr}]
-
     # ------------------------------------------------------------------ per-task schedule
     def task_start(self) -> None:
         if self.task_id >= 1:

@@ -150,11 +150,6 @@ class VQPrompt(PromptStrategy):
     def build_model(self, vit: PromptedViT, num_classes: int) -> VQPromptModel:
         return VQPromptModel(vit, num_classes, self.hp)
 
-    def param_groups(self) -> list[dict]:
-        m = self.model
-        return [{"params": [m.prompts, m.keys], "lr": self.hp.lr * self.hp.prompt_lr_mult},
-                {"params": list(m.head.parameters()), "lr": self.hp.lr}]
-
     def aux_loss(self) -> Tensor | None:
         return self.model.vq_loss
 
