@@ -12,11 +12,6 @@ from test_l2p import PROTOCOLS, stream  # the synthetic 5 x 2-class stream
 torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return backbones.load("tiny", random_init=True).vit
-
-
 def make(tiny, **over):
     torch.manual_seed(0)
     hp = registry.resolve_hparams("coda_prompt", "fmnist-5t", over)

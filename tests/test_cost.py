@@ -11,11 +11,6 @@ KEYS = {"method", "trainable_params", "head_params", "passes_train", "passes_tes
         "gflops_test"}
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return backbones.load("tiny", random_init=True).vit
-
-
 def test_plain_forward_flops_match_the_hand_count(tiny):
     # 6 blocks, 50 tokens, D=64: qkv 3ND^2 + proj ND^2 + MLP 8ND^2 + attention 2N^2D MACs,
     # plus the 4x4 patch embedding; FLOPs = 2 MACs. The N^2 term proves SDPA is counted on CPU.

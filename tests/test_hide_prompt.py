@@ -3,49 +3,13 @@ contrastive term, prompt carry-over, batch-size invariance, and the ViT-B/16 par
 import pytest
 import torch
 import torch.nn.functional as F
-from avalanche.benchmarks.scenarios.supervised import class_incremental_benchmark
-from avalanche.benchmarks.utils import DataAttribute, TransformGroups, make_avalanche_dataset
 
 from methods import backbones, registry
 from methods.hide_prompt import HiDeHparams, HiDeModel
 
+from helpers import PROTOCOLS, stream
+
 torch.set_num_threads(1)
-PROTOCOLS = ["cifar100-10t", "imagenet-r-5t", "imagenet-r-10t", "imagenet-r-20t", "cub200-10t",
-             "fmnist-5t"]
-
-
-class Images(torch.utils.data.Dataset):
-    """Per class a fixed random 28x28 template plus noise: separable by a random tiny ViT."""
-
-    def __init__(self, n_classes: int, per_class: int, seed: int):
-        templates = torch.rand(n_classes, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-        g = torch.Generator().manual_seed(seed)
-        self.targets = [c for c in range(n_classes) for _ in range(per_class)]
-        self.x = torch.stack([templates[c] + 0.2 * torch.randn(1, 28, 28, generator=g)
-                              for c in self.targets])
-
-    def __len__(self):
-        return len(self.targets)
-
-    def __getitem__(self, i):
-        return self.x[i], self.targets[i]
-
-
-def wrap(d):
-    return make_avalanche_dataset(d, data_attributes=[DataAttribute(d.targets, "targets")],
-                                  transform_groups=TransformGroups({"train": None, "eval": None}))
-
-
-def stream(n_classes=4, per_task=2, train=16, test=8):
-    return class_incremental_benchmark(
-        {"train": wrap(Images(n_classes, train, 1)), "test": wrap(Images(n_classes, test, 2))},
-        class_order=list(range(n_classes)), num_classes_per_exp=[per_task] * (n_classes // per_task))
-
-
-@pytest.fixture(scope="module")
-def vit():
-    torch.manual_seed(0)
-    return backbones.load("tiny", random_init=True).vit
 
 
 @pytest.fixture(scope="module")

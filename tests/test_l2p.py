@@ -9,8 +9,7 @@ from methods import backbones, registry
 from methods.l2p import L2PModel
 
 torch.set_num_threads(1)
-PROTOCOLS = ("cifar100-10t", "imagenet-r-5t", "imagenet-r-10t", "imagenet-r-20t", "cub200-10t",
-             "fmnist-5t")
+from helpers import PROTOCOLS
 
 
 class Synthetic(torch.utils.data.Dataset):
@@ -36,11 +35,6 @@ def stream(per_class: int = 16):
     return class_incremental_benchmark({"train": wrap(Synthetic(per_class, 1)),
                                         "test": wrap(Synthetic(8, 2))},
                                        class_order=list(range(10)), num_classes_per_exp=[2] * 5)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return backbones.load("tiny", random_init=True).vit
 
 
 def make(tiny, **over):
