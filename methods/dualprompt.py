@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import Hparams, PromptModel, PromptStrategy
+from .l2p import check_prompt_init, init_uniform  # one codebase (google-research/l2p)
 from .registry import register
 from .vit import PromptedViT
 
@@ -45,14 +46,7 @@ class DualPromptHparams(Hparams):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.prompt_init not in ("uniform", "flax"):
-            raise ValueError(f"prompt_init must be uniform or flax, got {self.prompt_init!r}")
-
-
-def init_uniform(shape: tuple[int, ...], kind: str) -> Tensor:
-    """U[-1, 1] as the PyTorch ports, or U[0, 0.01) as flax's default `uniform()` initializer."""
-    t = torch.empty(shape)
-    return t.uniform_(-1, 1) if kind == "uniform" else t.uniform_(0, 0.01)
+        check_prompt_init(self.prompt_init)
 
 
 class DualPromptModel(PromptModel):

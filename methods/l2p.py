@@ -40,8 +40,12 @@ class L2PHparams(Hparams):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.prompt_init not in ("uniform", "flax"):
-            raise ValueError(f"prompt_init must be uniform or flax, got {self.prompt_init!r}")
+        check_prompt_init(self.prompt_init)
+
+
+def check_prompt_init(kind: str) -> None:
+    if kind not in ("uniform", "flax"):
+        raise ValueError(f"prompt_init must be uniform or flax, got {kind!r}")
 
 
 def init_uniform(shape: tuple[int, ...], kind: str) -> Tensor:
