@@ -132,16 +132,16 @@ def plan(args: argparse.Namespace):
                         if not ladder:
                             raise SystemExit(f"method {ab.method} defines no ABLATION ladder")
                         variants = dict(ladder)
-                    for label, ov in variants.items():
+                    for position, (label, ov) in enumerate(variants.items()):
                         merged = {**ov, **overrides.get(ab.method, {})}
-                        runs.append((ab.method, merged, label, f"ablation:{ab_name}"))
+                        runs.append((ab.method, merged, label, f"ablation:{ab_name}", position))
             else:
-                runs = [(m, overrides.get(m, {}), "", "main") for m in methods]
-            for method, ov, label, table in runs:
+                runs = [(m, overrides.get(m, {}), "", "main", 0) for m in methods]
+            for method, ov, label, table, position in runs:
                 for seed in range(args.seeds):
                     # a YAML path stays a (resolved) path, so workers elsewhere can read it
                     where = str(Path(pname).resolve()) if Path(pname).suffix else proto.name
-                    specs.append(RunSpec(where, bb, method, seed, ov, label, table))
+                    specs.append(RunSpec(where, bb, method, seed, ov, label, table, position))
     return specs
 
 

@@ -66,7 +66,10 @@ def _seeds(seeds: list[int]) -> str:
 
 
 def _results_table(rows: pd.DataFrame) -> str:
-    rows = rows.sort_values(["faa_mean", "label"], ascending=[False, True])
+    if "position" in rows and rows["position"].nunique() > 1:  # an ablation ladder, in its order
+        rows = rows.sort_values(["position", "label"])
+    else:
+        rows = rows.sort_values(["faa_mean", "label"], ascending=[False, True])
     headers = ["method", "FAA", "CAA", "FFM", "seeds (n)"]
     cost = [("trainable_params", "trainable params", _int), ("passes_test", "passes (test)", _f0),
             ("train_s", "train time (s)", lambda v: _f(v, 1))]
@@ -124,7 +127,10 @@ def _page(title: str, agg_rows: pd.DataFrame, tests: pd.DataFrame, n_runs: int, 
              _results_table(agg_rows), "",
              f"Mean {PM} sample standard deviation over seeds, in percent. FAA: final average accuracy, CAA: "
              "cumulative average accuracy (higher is better); FFM: final forgetting (lower is better). "
-             "Sorted by FAA.", ""]
+             + ("In ladder order: each row adds one component to the row above; the paired tests "
+                "compare every rung with the last, full model."
+                if "position" in agg_rows and agg_rows["position"].nunique() > 1 else "Sorted by FAA."),
+             ""]
     if fig:
         lines += [f"![FAA per method]({fig})", ""]
     lines += _tests_section(tests)

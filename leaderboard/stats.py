@@ -54,6 +54,7 @@ def runs_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
             "key": r.get("key"), "protocol": r.get("protocol"), "backbone": r.get("backbone"),
             "table": r.get("table", "main"), "label": r.get("label") or r.get("method"),
             "method": r.get("method"), "seed": r.get("seed"), "created": r.get("created") or "",
+            "position": r.get("position", 0),
             **{k: (float(m[k]) if m.get(k) is not None else np.nan) for k in _METRICS},
             "trainable_params": cost.get("trainable_params", np.nan),
             "passes_train": cost.get("passes_train", np.nan),
@@ -62,7 +63,7 @@ def runs_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
             "eval_s": tim.get("eval_s", np.nan),
             "total_s": tim.get("total_s", np.nan),
         })
-    cols = ["key", *_GROUP, "label", "method", "seed", "created", *_METRICS, "trainable_params",
+    cols = ["key", *_GROUP, "label", "method", "seed", "created", "position", *_METRICS, "trainable_params",
             "passes_train", "passes_test", "train_s", "eval_s", "total_s"]
     df = pd.DataFrame(rows, columns=cols)
     if df.empty:
@@ -88,7 +89,7 @@ def aggregate(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     carries them.
     """
     df = runs_frame(records)
-    out_cols = [*_GROUP, "label", "method", "n", "seeds"]
+    out_cols = [*_GROUP, "label", "method", "n", "seeds", "position"]
     for m in _METRICS:
         out_cols += [f"{m}_mean", f"{m}_std"]
     out_cols += ["trainable_params", "passes_train", "passes_test", "train_s", "eval_s", "total_s"]
@@ -98,7 +99,8 @@ def aggregate(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     for (p, b, t, lab), g in df.groupby([*_GROUP, "label"], sort=True):
         row: dict[str, Any] = {"protocol": p, "backbone": b, "table": t, "label": lab,
                                "method": ", ".join(sorted(set(g["method"].dropna()))),
-                               "n": int(g["seed"].nunique()), "seeds": sorted(int(s) for s in g["seed"])}
+                               "n": int(g["seed"].nunique()), "seeds": sorted(int(s) for s in g["seed"]),
+                               "position": int(g["position"].fillna(0).min())}
         for m in _METRICS:
             v = g[m].dropna().to_numpy(dtype=float)
             row[f"{m}_mean"] = float(v.mean()) if len(v) else np.nan
@@ -147,6 +149,10 @@ def paired_tests(records: Iterable[Mapping[str, Any]], reference_label: str | No
     for (p, b, t), g in df.groupby(_GROUP, sort=True):
         means = g.groupby("label")[metric].mean().to_dict()
         ref = _pick_reference(means, reference_label, metric)
+        if str(t).startswith("ablation:") and (reference_label is None or reference_label not in means):
+            rungs = g.groupby("label")["position"].min()
+            if rungs.nunique() > 1:  # an ordered ladder: compare every rung with the last one
+                ref = str(rungs.idxmax())
         ref_by_seed = g[g["label"] == ref].set_index("seed")[metric].dropna()
         rows = []
         for lab, h in g[g["label"] != ref].groupby("label", sort=True):

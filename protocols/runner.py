@@ -43,6 +43,7 @@ class RunSpec:
     overrides: dict[str, Any] = field(default_factory=dict, hash=False)
     label: str = ""  # defaults to the method name; ablation variants carry their own label
     table: str = "main"  # "main" or "ablation:<name>"
+    position: int = field(default=0, compare=False)  # rung of an ablation ladder (display only)
 
     @property
     def display_label(self) -> str:
@@ -227,6 +228,7 @@ def run(spec: RunSpec, options: RunOptions = RunOptions()) -> dict[str, Any]:
     return {
         "key": run_key(resolved), "protocol": protocol.name, "backbone": spec.backbone,
         "method": spec.method, "label": spec.display_label, "table": spec.table,
+        "position": spec.position,
         "seed": int(spec.seed), "spec": resolved, "metrics": metrics, "acc_matrix": acc,
         "per_class_acc": per_class, "class_order": info.class_order,
         "classes_per_task": info.classes_per_task, "cost": cost,

@@ -140,3 +140,24 @@ def test_render_accepts_store_records(tmp_path, records):
     b = parse_tables((tmp_path / "lb2" / "fmnist-5t__tiny.md").read_text())[0]
     assert a == b
     assert f"from {len(records)} runs" in (tmp_path / "lb" / "README.md").read_text()
+
+
+def test_ablation_ladder_keeps_its_order_and_compares_with_the_full_model(tmp_path):
+    """Rungs carry their position: the table follows the ladder, the reference is the last rung."""
+    from leaderboard.render import render
+    from test_leaderboard_store import make_record
+
+    recs = []
+    for pos, (label, faa) in enumerate([("base", 70.0), ("+ a", 60.0), ("+ b (full)", 65.0)]):
+        for seed in range(3):
+            r = make_record(seed=seed, method="smope", label=label, table="ablation:smope")
+            r["key"] = f"{label}-{seed}"
+            r["position"] = pos
+            r["metrics"] = {**r["metrics"], "faa": faa + seed}
+            recs.append(r)
+    render(recs, out_dir=tmp_path, figures=False)
+    (page,) = [p for p in tmp_path.glob("*ablation-smope.md")]
+    text = page.read_text()
+    rows = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ")]
+    assert rows[1:4] == ["base", "+ a", "+ b (full)"]  # ladder order, not FAA order
+    assert "Reference: **+ b (full)**" in text
