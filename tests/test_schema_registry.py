@@ -60,3 +60,26 @@ def test_unknown_method_lists_registered():
     with pytest.raises(registry.UnknownMethodError, match="head_only, joint"):
         registry.get("nope")
     assert registry.names()[:2] == ["head_only", "joint"]
+
+
+def test_installed_entry_point_registers_a_method(tmp_path, monkeypatch):
+    """The third way in: a package exposing `promptcl.methods` entry points is found at discovery."""
+    import importlib.metadata
+    import sys
+
+    pkg = tmp_path / "ep_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(
+        "from methods import PromptStrategy\n\nclass FromEntryPoint(PromptStrategy):\n"
+        "    description = 'a method from an installed package'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ep = importlib.metadata.EntryPoint("ep_method", "ep_pkg:FromEntryPoint", registry.ENTRY_POINT_GROUP)
+
+    def fake_entry_points(group=None, **kw):
+        return [ep] if group == registry.ENTRY_POINT_GROUP else []
+    monkeypatch.setattr(registry, "entry_points", fake_entry_points)
+    monkeypatch.setattr(registry, "_discovered", False)
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    assert "ep_method" in registry.names()
+    assert registry.get("ep_method").__name__ == "FromEntryPoint"
+    sys.modules.pop("ep_pkg", None)
