@@ -54,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--leaderboard-dir", default="leaderboard", help="where the markdown goes")
     ap.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda:0, ...")
     ap.add_argument("--eval-batch-size", type=int, default=256)
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="bf16: autocast training and evaluation (for GPUs; part of the run key)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads per run (default: torch's choice)")
     ap.add_argument("--plugin", action="append", default=[], metavar="FILE.py|module",
@@ -141,7 +143,8 @@ def plan(args: argparse.Namespace):
                 for seed in range(args.seeds):
                     # a YAML path stays a (resolved) path, so workers elsewhere can read it
                     where = str(Path(pname).resolve()) if Path(pname).suffix else proto.name
-                    specs.append(RunSpec(where, bb, method, seed, ov, label, table, position))
+                    specs.append(RunSpec(where, bb, method, seed, ov, label, table, position,
+                                         args.precision))
     return specs
 
 

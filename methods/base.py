@@ -105,7 +105,11 @@ class PromptStrategy(SupervisedTemplate):
 
     def __init__(self, *, vit: PromptedViT, num_classes: int, hparams: Any = None,
                  device: str | torch.device = "cpu", eval_mb_size: int = 256,
-                 evaluator: EvaluationPlugin | None = None, plugins: list | None = None):
+                 evaluator: EvaluationPlugin | None = None, plugins: list | None = None,
+                 precision: str = "fp32"):
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+        self.precision = precision
         if isinstance(hparams, self.Hparams):
             hp = hparams
         else:
@@ -199,6 +203,21 @@ class PromptStrategy(SupervisedTemplate):
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             torch.nn.utils.clip_grad_norm_(params, self.hp.clip_grad)
         self.optimizer.step()
+
+    # ------------------------------------------------------------------ precision
+    def autocast(self):
+        """bf16 autocast over everything a task does (opt-in, mostly for GPUs); parameters and
+        optimizer state stay fp32. Off (fp32) by default, the setting every result so far used."""
+        return torch.autocast(device_type=torch.device(self.device).type, dtype=torch.bfloat16,
+                              enabled=self.precision == "bf16")
+
+    def train(self, experiences, eval_streams=None, **kwargs):
+        with self.autocast():
+            return super().train(experiences, eval_streams, **kwargs)
+
+    def eval(self, exp_list, **kwargs):
+        with self.autocast():
+            return super().eval(exp_list, **kwargs)
 
     # ------------------------------------------------------------------ task bookkeeping
     def _before_training_exp(self, **kwargs):

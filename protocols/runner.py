@@ -44,6 +44,7 @@ class RunSpec:
     label: str = ""  # defaults to the method name; ablation variants carry their own label
     table: str = "main"  # "main" or "ablation:<name>"
     position: int = field(default=0, compare=False)  # rung of an ablation ladder (display only)
+    precision: str = "fp32"  # "bf16": autocast (changes numerics, so it is part of the key)
 
     @property
     def display_label(self) -> str:
@@ -75,9 +76,12 @@ def resolve(spec: RunSpec, protocol: Protocol | None = None) -> dict[str, Any]:
     protocol = protocol or load_protocol(spec.protocol)
     hparams = registry.resolve_hparams(
         spec.method, protocol.name, protocol.methods.get(spec.method, {}), spec.overrides)
-    return {"protocol": protocol.data_spec(), "backbone": spec.backbone, "method": spec.method,
-            "hparams": hparams, "seed": int(spec.seed), "label": spec.display_label,
-            "table": spec.table}
+    resolved = {"protocol": protocol.data_spec(), "backbone": spec.backbone, "method": spec.method,
+                "hparams": hparams, "seed": int(spec.seed), "label": spec.display_label,
+                "table": spec.table}
+    if spec.precision != "fp32":  # only when set, so fp32 keys stay what they always were
+        resolved["precision"] = spec.precision
+    return resolved
 
 
 def run_key(resolved: dict[str, Any]) -> str:
@@ -185,7 +189,7 @@ def run(spec: RunSpec, options: RunOptions = RunOptions()) -> dict[str, Any]:
     strategy = registry.create(
         spec.method, vit=backbone.vit, num_classes=info.num_classes, hparams=resolved["hparams"],
         device=device, eval_mb_size=options.eval_batch_size, evaluator=_evaluator(options.quiet),
-        plugins=[preds.plugin])
+        plugins=[preds.plugin], precision=spec.precision)
     model = strategy.model
     cost = {
         "trainable_params": int(sum(p.numel() for _, p in model.added_parameters())),
@@ -228,7 +232,7 @@ def run(spec: RunSpec, options: RunOptions = RunOptions()) -> dict[str, Any]:
     return {
         "key": run_key(resolved), "protocol": protocol.name, "backbone": spec.backbone,
         "method": spec.method, "label": spec.display_label, "table": spec.table,
-        "position": spec.position,
+        "position": spec.position, "precision": spec.precision,
         "seed": int(spec.seed), "spec": resolved, "metrics": metrics, "acc_matrix": acc,
         "per_class_acc": per_class, "class_order": info.class_order,
         "classes_per_task": info.classes_per_task, "cost": cost,

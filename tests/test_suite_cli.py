@@ -109,3 +109,31 @@ def test_slurm_executor_returns_records_to_the_driver(env):
     assert sorted(s.seed for s, _ in got) == [0, 1]
     local = dict(executors.run_local(specs[:1], opts))
     assert got[[s.seed for s, _ in got].index(0)][1]["acc_matrix"] == local[specs[0]]["acc_matrix"]
+
+
+def test_bf16_precision_is_opt_in_recorded_and_keyed(env):
+    tmp, args = env
+    assert run_suite.main(args + ["--methods", "head_only", "--seeds", "1", "--no-render"]) == 0
+    assert run_suite.main(args + ["--methods", "head_only", "--seeds", "1", "--no-render",
+                                  "--precision", "bf16"]) == 0
+    fp32, bf16 = sorted(RunStore(tmp / "runs.sqlite").records(), key=lambda r: r["precision"] == "bf16")
+    assert (fp32["precision"], bf16["precision"]) == ("fp32", "bf16") and fp32["key"] != bf16["key"]
+    assert "precision" not in fp32["spec"] and bf16["spec"]["precision"] == "bf16"
+
+
+def test_bf16_autocast_reaches_the_forward(tiny):
+    from avalanche.core import SupervisedPlugin
+    from helpers import stream
+
+    dtypes = []
+
+    class Spy(SupervisedPlugin):
+        def after_forward(self, strategy, **kw):
+            dtypes.append(strategy.mb_output.dtype)
+
+    from methods import registry
+    s = registry.create("head_only", vit=tiny, num_classes=4, hparams={"epochs": 1}, plugins=[Spy()],
+                        precision="bf16")
+    s.train(stream().train_stream[0])
+    assert dtypes and all(d == __import__("torch").bfloat16 for d in dtypes)
+    assert all(p.dtype == __import__("torch").float32 for p in s.model.parameters())
