@@ -121,19 +121,19 @@ def test_bf16_precision_is_opt_in_recorded_and_keyed(env):
     assert "precision" not in fp32["spec"] and bf16["spec"]["precision"] == "bf16"
 
 
-def test_bf16_autocast_reaches_the_forward(tiny):
-    from avalanche.core import SupervisedPlugin
+def test_bf16_autocast_reaches_the_forward_only(tiny):
+    import torch
     from helpers import stream
-
-    dtypes = []
-
-    class Spy(SupervisedPlugin):
-        def after_forward(self, strategy, **kw):
-            dtypes.append(strategy.mb_output.dtype)
-
     from methods import registry
-    s = registry.create("head_only", vit=tiny, num_classes=4, hparams={"epochs": 1}, plugins=[Spy()],
-                        precision="bf16")
+
+    s = registry.create("head_only", vit=tiny, num_classes=4, hparams={"epochs": 1}, precision="bf16")
+    head_out = []
+    s.model.head.register_forward_hook(lambda m, i, o: head_out.append(o.dtype))
     s.train(stream().train_stream[0])
-    assert dtypes and all(d == __import__("torch").bfloat16 for d in dtypes)
-    assert all(p.dtype == __import__("torch").float32 for p in s.model.parameters())
+    assert head_out and set(head_out) == {torch.bfloat16}  # the minibatch forward is autocast
+    assert all(p.dtype == torch.float32 for p in s.model.parameters())
+    fp32 = registry.create("head_only", vit=tiny, num_classes=4, hparams={"epochs": 1})
+    head_out.clear()
+    fp32.model.head.register_forward_hook(lambda m, i, o: head_out.append(o.dtype))
+    fp32.train(stream().train_stream[0])
+    assert set(head_out) == {torch.float32}
