@@ -35,3 +35,18 @@ def stream(n_classes=4, per_task=2, train=16, test=8):
     return class_incremental_benchmark(
         {"train": wrap(Images(n_classes, train, 1)), "test": wrap(Images(n_classes, test, 2))},
         class_order=list(range(n_classes)), num_classes_per_exp=[per_task] * (n_classes // per_task))
+
+
+def assert_batch_size_invariant(strategy, x, test_stream) -> None:
+    """A batch's logits equal each sample's alone, and eval at batch 1 equals the default batch."""
+    import pytest
+
+    strategy.model.eval()
+    with torch.no_grad():
+        whole = strategy.model(x)
+        single = torch.cat([strategy.model(x[i:i + 1]) for i in range(len(x))])
+    assert torch.equal(whole.argmax(1), single.argmax(1))
+    assert torch.allclose(whole, single, atol=1e-4)
+    acc = strategy.eval(test_stream)
+    strategy.eval_mb_size = 1
+    assert strategy.eval(test_stream) == pytest.approx(acc)

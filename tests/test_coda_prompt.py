@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from methods import backbones, registry
 from methods.coda_prompt import gram_schmidt, ortho_penalty
+from helpers import assert_batch_size_invariant
 from test_l2p import PROTOCOLS, stream  # the synthetic 5 x 2-class stream
 
 torch.set_num_threads(1)
@@ -118,15 +119,7 @@ def test_stream_run_and_batch_size_invariance(tiny):
         res = s.eval(bm.test_stream[: i + 1])
         assert 0.0 <= res[f"Top1_Acc_Exp/eval_phase/test_stream/Exp{i:03d}"] <= 1.0
     x = torch.stack([bm.test_stream[j].dataset[k][0] for j in range(5) for k in range(16)])
-    s.model.eval()
-    with torch.no_grad():
-        whole = s.model(x)
-        single = torch.cat([s.model(x[i:i + 1]) for i in range(len(x))])
-    assert torch.equal(whole.argmax(1), single.argmax(1))
-    assert torch.allclose(whole, single, atol=1e-4)
-    acc64 = s.eval(bm.test_stream)
-    s.eval_mb_size = 1
-    assert s.eval(bm.test_stream) == pytest.approx(acc64)
+    assert_batch_size_invariant(s, x, bm.test_stream)
 
 
 def test_sizes_must_fit_the_stream_and_the_vit(tiny):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from methods import backbones, registry
+from helpers import assert_batch_size_invariant
 from test_l2p import PROTOCOLS, stream  # the synthetic 5 x 2-class stream
 
 torch.set_num_threads(1)
@@ -101,13 +102,7 @@ def test_stream_run_and_batch_size_invariance(tiny):
         # the same key; aim each key at one test image so that the batch mixes E-prompts
         s.model.e_key.copy_(tiny.query(x[::16]))
         assert len(set(s.model.select(tiny.query(x)).tolist())) == 5
-        whole = s.model(x)
-        single = torch.cat([s.model(x[i:i + 1]) for i in range(len(x))])
-    assert torch.equal(whole.argmax(1), single.argmax(1))
-    assert torch.allclose(whole, single, atol=1e-4)
-    acc64 = s.eval(bm.test_stream)
-    s.eval_mb_size = 1
-    assert s.eval(bm.test_stream) == pytest.approx(acc64)
+    assert_batch_size_invariant(s, x, bm.test_stream)
 
 
 def test_pool_smaller_than_stream_is_an_error(tiny):

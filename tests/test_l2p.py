@@ -9,7 +9,7 @@ from methods import backbones, registry
 from methods.l2p import L2PModel
 
 torch.set_num_threads(1)
-from helpers import PROTOCOLS
+from helpers import PROTOCOLS, assert_batch_size_invariant
 
 
 class Synthetic(torch.utils.data.Dataset):
@@ -120,13 +120,7 @@ def test_stream_run_and_batch_size_invariance(tiny):
         # the batch mixes prompt sets
         s.model.keys.copy_(tiny.query(x[::8]))
         assert len({tuple(sorted(r)) for r in s.model.select(tiny.query(x))[0].tolist()}) > 3
-        whole = s.model(x)
-        single = torch.cat([s.model(x[i:i + 1]) for i in range(len(x))])
-    assert torch.equal(whole.argmax(1), single.argmax(1))
-    assert torch.allclose(whole, single, atol=1e-4)
-    acc64 = s.eval(bm.test_stream)
-    s.eval_mb_size = 1
-    assert s.eval(bm.test_stream) == pytest.approx(acc64)
+    assert_batch_size_invariant(s, x, bm.test_stream)
 
 
 def test_vit_b16_parameter_count():
