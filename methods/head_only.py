@@ -3,22 +3,13 @@ task after task with the same masked CE as every prompt method; nothing else is 
 that separates a prompt method from this row is what its prompts (and stages) add."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from .base import Hparams, PromptStrategy
+from .base import PromptStrategy
 from .registry import register
-
-
-@dataclass
-class HeadOnlyHparams(Hparams):
-    epochs: int = 5
-    lr: float = 1e-3
 
 
 @register("head_only")
 class HeadOnly(PromptStrategy):
     description = "lower bound: frozen ViT + linear head trained sequentially (masked CE)"
-    Hparams = HeadOnlyHparams
     DEFAULTS = {
         "fmnist-5t": dict(epochs=2, batch_size=32, lr=1e-2),
     }

@@ -8,27 +8,17 @@ final column is the usual joint-training accuracy.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from avalanche.benchmarks.utils.utils import concat_datasets
 
-from .base import Hparams, PromptStrategy
+from .base import PromptStrategy
+from .head_only import HeadOnly
 from .registry import register
-
-
-@dataclass
-class JointHparams(Hparams):
-    epochs: int = 5
-    lr: float = 1e-3
 
 
 @register("joint")
 class Joint(PromptStrategy):
     description = "upper bound: frozen ViT + linear head trained on all tasks at once"
-    Hparams = JointHparams
-    DEFAULTS = {
-        "fmnist-5t": dict(epochs=2, batch_size=32, lr=1e-2),
-    }
+    DEFAULTS = HeadOnly.DEFAULTS  # the same learner and budget as the lower bound, trained offline
     passes_train = 1
     passes_test = 1
     trains_jointly = True
