@@ -50,3 +50,24 @@ def assert_batch_size_invariant(strategy, x, test_stream) -> None:
     acc = strategy.eval(test_stream)
     strategy.eval_mb_size = 1
     assert strategy.eval(test_stream) == pytest.approx(acc)
+
+
+def make_strategy(name: str, vit, **over):
+    """Method `name` with its fmnist-5t defaults (plus `over`) on `vit`, 10 classes, seeded."""
+    from methods import registry
+
+    torch.manual_seed(0)
+    hp = registry.resolve_hparams(name, "fmnist-5t", over)
+    return registry.create(name, vit=vit, num_classes=10, hparams=hp, eval_mb_size=64)
+
+
+def train_and_probe(strategy, bm, per_task: int = 16) -> torch.Tensor:
+    """Train every task of `bm`, check each evaluation returns accuracies, and return a test batch
+    mixing `per_task` images of every task (for per-sample and batch-size checks)."""
+    for i, exp in enumerate(bm.train_stream):
+        strategy.train(exp)
+        res = strategy.eval(bm.test_stream[: i + 1])
+        assert all(0.0 <= res[f"Top1_Acc_Exp/eval_phase/test_stream/Exp{j:03d}"] <= 1.0
+                   for j in range(i + 1))
+    n = len(bm.train_stream)
+    return torch.stack([bm.test_stream[j].dataset[k][0] for j in range(n) for k in range(per_task)])

@@ -7,16 +7,14 @@ import torch.nn.functional as F
 
 from methods import backbones, registry
 from methods.coda_prompt import gram_schmidt, ortho_penalty
-from helpers import assert_batch_size_invariant
+from helpers import assert_batch_size_invariant, make_strategy, train_and_probe
 from test_l2p import PROTOCOLS, stream  # the synthetic 5 x 2-class stream
 
 torch.set_num_threads(1)
 
 
 def make(tiny, **over):
-    torch.manual_seed(0)
-    hp = registry.resolve_hparams("coda_prompt", "fmnist-5t", over)
-    return registry.create("coda_prompt", vit=tiny, num_classes=10, hparams=hp, eval_mb_size=64)
+    return make_strategy("coda_prompt", tiny, **over)
 
 
 def slices(model, task):
@@ -114,11 +112,7 @@ def test_earlier_components_bit_equal_after_later_tasks(tiny):
 def test_stream_run_and_batch_size_invariance(tiny):
     s = make(tiny, epochs=1, batch_size=8)
     bm = stream()
-    for i, exp in enumerate(bm.train_stream):
-        s.train(exp)
-        res = s.eval(bm.test_stream[: i + 1])
-        assert 0.0 <= res[f"Top1_Acc_Exp/eval_phase/test_stream/Exp{i:03d}"] <= 1.0
-    x = torch.stack([bm.test_stream[j].dataset[k][0] for j in range(5) for k in range(16)])
+    x = train_and_probe(s, bm)  # trains all tasks, checks each evaluation
     assert_batch_size_invariant(s, x, bm.test_stream)
 
 

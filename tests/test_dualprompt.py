@@ -5,16 +5,14 @@ import pytest
 import torch
 
 from methods import backbones, registry
-from helpers import assert_batch_size_invariant
+from helpers import assert_batch_size_invariant, make_strategy, train_and_probe
 from test_l2p import PROTOCOLS, stream  # the synthetic 5 x 2-class stream
 
 torch.set_num_threads(1)
 
 
 def make(tiny, **over):
-    torch.manual_seed(0)
-    hp = registry.resolve_hparams("dualprompt", "fmnist-5t", over)
-    return registry.create("dualprompt", vit=tiny, num_classes=10, hparams=hp, eval_mb_size=64)
+    return make_strategy("dualprompt", tiny, **over)
 
 
 def test_defaults_cover_every_protocol():
@@ -91,11 +89,7 @@ def test_e_prompt_carried_over_old_ones_kept_and_backbone_frozen(tiny):
 def test_stream_run_and_batch_size_invariance(tiny):
     s = make(tiny, epochs=1, batch_size=8)
     bm = stream()
-    for i, exp in enumerate(bm.train_stream):
-        s.train(exp)
-        res = s.eval(bm.test_stream[: i + 1])
-        assert 0.0 <= res[f"Top1_Acc_Exp/eval_phase/test_stream/Exp{i:03d}"] <= 1.0
-    x = torch.stack([bm.test_stream[j].dataset[k][0] for j in range(5) for k in range(16)])
+    x = train_and_probe(s, bm)  # trains all tasks, checks each evaluation
     s.model.eval()
     with torch.no_grad():
         # queries of a random-init ViT are nearly parallel, so after training every image picks

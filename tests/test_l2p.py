@@ -9,7 +9,7 @@ from methods import backbones, registry
 from methods.l2p import L2PModel
 
 torch.set_num_threads(1)
-from helpers import PROTOCOLS, assert_batch_size_invariant
+from helpers import PROTOCOLS, assert_batch_size_invariant, make_strategy, train_and_probe
 
 
 class Synthetic(torch.utils.data.Dataset):
@@ -38,9 +38,7 @@ def stream(per_class: int = 16):
 
 
 def make(tiny, **over):
-    torch.manual_seed(0)
-    hp = registry.resolve_hparams("l2p", "fmnist-5t", over)
-    return registry.create("l2p", vit=tiny, num_classes=10, hparams=hp, eval_mb_size=64)
+    return make_strategy("l2p", tiny, **over)
 
 
 def test_defaults_cover_every_protocol():
@@ -108,12 +106,7 @@ def test_training_touches_only_prompts_keys_and_head(tiny):
 def test_stream_run_and_batch_size_invariance(tiny):
     s = make(tiny, epochs=1, batch_size=8)
     bm = stream()
-    for i, exp in enumerate(bm.train_stream):
-        s.train(exp)
-        res = s.eval(bm.test_stream[: i + 1])
-        assert all(0.0 <= res[f"Top1_Acc_Exp/eval_phase/test_stream/Exp{j:03d}"] <= 1.0
-                   for j in range(i + 1))
-    x = torch.stack([bm.test_stream[j].dataset[k][0] for j in range(5) for k in range(16)])
+    x = train_and_probe(s, bm)  # trains all tasks, checks each evaluation
     s.model.eval()
     with torch.no_grad():
         # queries of a random-init ViT are nearly parallel; aim the keys at test images so that
