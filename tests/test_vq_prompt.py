@@ -45,6 +45,7 @@ def test_prefix_fed_to_the_vit_is_the_pool_element(vit):
 
 def test_straight_through_gradient_reaches_keys_and_pool(vit):
     m = tiny_model(vit).train()
+    torch.nn.init.normal_(m.head.weight, std=0.1)  # a trained head: a zero one passes no gradient
     x = torch.rand(6, 1, 28, 28)
     loss = F.cross_entropy(m(x), torch.tensor([0, 1, 2, 3, 0, 1]))  # CE alone, no VQ terms
     loss.backward()
