@@ -321,7 +321,7 @@ class SMoPE(PromptStrategy):
       CIFAR setting's effective loss weight (#layers * #heads * K * alpha ~ 3.6e-3); 2 epochs at
       batch 32 (task 0: 1 dense warm-up epoch first); alignment for 10 epochs at lr 1e-3 -> 1e-5,
       since 1e-5 over a few dozen steps leaves the head where it was (measured at lr 0.01, seeds
-      0 and 1: FAA 64.0 and 68.8 with 1e-5, 76.5 and 76.7 with 1e-3).
+      0 and 1, random head init: FAA 64.0 and 68.8 with 1e-5, 76.5 and 76.7 with 1e-3).
     """
 
     description = ("sparse mixture of prompt experts: one shared prefix prompt, per-head top-K "

@@ -47,9 +47,9 @@ def test_missing_protocol_names_the_shipped_ones(tmp_path):
 def test_hparams_resolve_in_order_and_coerce():
     base = registry.resolve_hparams("head_only", None)
     proto = registry.resolve_hparams("head_only", "fmnist-5t")
-    assert proto["epochs"] == 2 and base["epochs"] == 5
-    over = registry.resolve_hparams("head_only", "fmnist-5t", {"epochs": 3}, {"lr": "0.5", "clip_grad": "1"})
-    assert over["epochs"] == 3 and over["lr"] == 0.5 and over["clip_grad"] == 1.0
+    assert proto["epochs"] == 3 and base["epochs"] == 5
+    over = registry.resolve_hparams("head_only", "fmnist-5t", {"epochs": 4}, {"lr": "0.5", "clip_grad": "1"})
+    assert over["epochs"] == 4 and over["lr"] == 0.5 and over["clip_grad"] == 1.0
     with pytest.raises(ValueError, match="unknown hyperparameter 'epoch'.*valid: batch_size"):
         registry.resolve_hparams("head_only", None, {"epoch": 3})
     with pytest.raises(ValueError, match="integer"):
