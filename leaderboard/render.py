@@ -70,7 +70,9 @@ def _results_table(rows: pd.DataFrame) -> str:
         rows = rows.sort_values(["position", "label"])
     else:
         rows = rows.sort_values(["faa_mean", "label"], ascending=[False, True])
-    headers = ["method", "FAA", "CAA", "FFM", "seeds (n)"]
+    # WTP / TII only where some run has them (records stored before they existed lack them)
+    split = [m for m in ("wtp", "tii") if rows[f"{m}_mean"].notna().any()]
+    headers = ["method", "FAA", "CAA", "FFM", *[m.upper() for m in split], "seeds (n)"]
     cost = [("trainable_params", "trainable params", _int), ("passes_test", "passes (test)", _f0),
             ("train_s", "train time (s)", lambda v: _f(v, 1))]
     cost = [c for c in cost if rows[c[0]].notna().any()]
@@ -78,7 +80,8 @@ def _results_table(rows: pd.DataFrame) -> str:
     body = []
     for _, r in rows.iterrows():
         line = [r["label"], _mstd(r["faa_mean"], r["faa_std"]), _mstd(r["caa_mean"], r["caa_std"]),
-                _mstd(r["ffm_mean"], r["ffm_std"]), str(int(r["n"]))]
+                _mstd(r["ffm_mean"], r["ffm_std"]), *[_mstd(r[f"{m}_mean"], r[f"{m}_std"]) for m in split],
+                str(int(r["n"]))]
         line += [fmt(r[col]) for col, _, fmt in cost]
         body.append(line)
     return tabulate(body, headers=headers, tablefmt="github", disable_numparse=True)
@@ -127,6 +130,10 @@ def _page(title: str, agg_rows: pd.DataFrame, tests: pd.DataFrame, n_runs: int, 
              _results_table(agg_rows), "",
              f"Mean {PM} sample standard deviation over seeds, in percent. FAA: final average accuracy, CAA: "
              "cumulative average accuracy (higher is better); FFM: final forgetting (lower is better). "
+             + ("WTP: within-task prediction, the final accuracy with each image's task given; TII: "
+                "task-identity inference, the share of final predictions that fall in the image's own "
+                "task (HiDe-Prompt's split of the class-incremental accuracy). "
+                if agg_rows[["wtp_mean", "tii_mean"]].notna().any().any() else "")
              + ("In ladder order: each row adds one component to the row above; the paired tests "
                 "compare every rung with the last, full model."
                 if "position" in agg_rows and agg_rows["position"].nunique() > 1 else "Sorted by FAA."),

@@ -22,8 +22,9 @@ __all__ = ["runs_frame", "aggregate", "paired_tests", "friedman", "FriedmanResul
            "HIGHER_IS_BETTER", "wilcoxon_min_p"]
 
 #: Direction of each metric: forgetting (FFM) is better when lower.
-HIGHER_IS_BETTER: dict[str, bool] = {"faa": True, "caa": True, "ffm": False, "bwt": True, "final_acc": True}
-_METRICS = ("faa", "caa", "ffm", "bwt", "final_acc")
+HIGHER_IS_BETTER: dict[str, bool] = {"faa": True, "caa": True, "ffm": False, "bwt": True, "final_acc": True,
+                                     "wtp": True, "tii": True}
+_METRICS = ("faa", "caa", "ffm", "bwt", "final_acc", "wtp", "tii")
 _GROUP = ["protocol", "backbone", "table"]
 
 
@@ -84,7 +85,7 @@ def aggregate(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     """Mean and sample std (ddof=1; 0 with one seed) over seeds per (protocol, backbone, table, label).
 
     Columns: protocol, backbone, table, label, method, n, seeds, <metric>_mean, <metric>_std for
-    faa, caa, ffm, bwt, final_acc, and the cost columns (trainable_params, passes_train,
+    faa, caa, ffm, bwt, final_acc, wtp, tii, and the cost columns (trainable_params, passes_train,
     passes_test: median over seeds; train_s, eval_s, total_s: mean) which stay NaN when no record
     carries them.
     """

@@ -216,7 +216,8 @@ class RunStore:
 #: Columns of export_csv, in order.
 CSV_COLUMNS: tuple[str, ...] = (
     "protocol", "backbone", "method", "label", "table", "seed", "key",
-    "faa", "caa", "ffm", "bwt", "final_acc", "train_s", "eval_s", "total_s", "trainable_params",
+    "faa", "caa", "ffm", "bwt", "final_acc", "wtp", "tii", "train_s", "eval_s", "total_s",
+    "trainable_params",
 )
 
 
@@ -235,7 +236,7 @@ def export_csv(records: Iterable[Mapping[str, Any]], path: str | Path) -> "pd.Da
         rows.append({
             "protocol": r.get("protocol"), "backbone": r.get("backbone"), "method": r.get("method"),
             "label": r.get("label"), "table": r.get("table"), "seed": r.get("seed"), "key": r.get("key"),
-            **{m: metrics.get(m) for m in ("faa", "caa", "ffm", "bwt", "final_acc")},
+            **{m: metrics.get(m) for m in ("faa", "caa", "ffm", "bwt", "final_acc", "wtp", "tii")},
             **{t: timings.get(t) for t in ("train_s", "eval_s", "total_s")},
             "trainable_params": cost.get("trainable_params"),
         })

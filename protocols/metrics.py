@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["summarize", "as_matrix"]
+__all__ = ["summarize", "as_matrix", "task_decomposition"]
 
 
 def as_matrix(acc: Any) -> np.ndarray:
@@ -74,3 +74,27 @@ def summarize(acc: Any) -> dict[str, float]:
     ffm = float(np.mean([np.max(a[j, j:last]) - a[j, last] for j in range(last)]))
     bwt = float(np.mean([a[j, last] - a[j, j] for j in range(last)]))
     return {"faa": faa, "caa": caa, "ffm": ffm, "bwt": bwt}
+
+
+def task_decomposition(logits: Any, labels: Any, classes_per_task: Sequence[Sequence[int]]
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Per image: (within-task correct, task-identity correct), as HiDe-Prompt splits the
+    class-incremental accuracy into within-task prediction (WTP) and task-identity inference (TII).
+
+    WTP: the argmax over the classes of the image's own task is its label (the task-incremental
+    accuracy, the task given). TII: the class-incremental prediction, the argmax over all of
+    ``logits`` (masked as the evaluation masks them), falls in the image's own task. A method
+    whose errors are mostly TII errors loses to the head's cross-task bias, not to its features.
+    """
+    logits = np.asarray(logits, dtype=float)
+    labels = np.asarray(labels, dtype=int)
+    n_classes = logits.shape[1]
+    task_of = np.full(n_classes, -1)
+    for t, chunk in enumerate(classes_per_task):
+        task_of[list(chunk)] = t
+    if (task_of[labels] < 0).any():
+        raise ValueError("a label belongs to no task of classes_per_task")
+    own = task_of[None, :] == task_of[labels][:, None]  # (B, C): the classes of each image's task
+    within = np.where(own, logits, -np.inf).argmax(1) == labels
+    task_right = task_of[logits.argmax(1)] == task_of[labels]
+    return within, task_right

@@ -28,7 +28,7 @@ import torch
 from benchmarks import build_stream
 from methods import backbones, registry
 
-from .metrics import summarize
+from .metrics import summarize, task_decomposition
 from .schema import Protocol, load_protocol
 
 REPO = Path(__file__).resolve().parent.parent
@@ -129,7 +129,8 @@ def _evaluator(quiet: bool):
 
 
 class _Predictions:
-    """Avalanche plugin that keeps the last evaluation's predictions (per-class accuracy)."""
+    """Avalanche plugin that keeps the last evaluation's logits: per-class accuracy, and the split
+    of the final accuracy into within-task prediction and task-identity inference."""
 
     def __init__(self):
         from avalanche.core import SupervisedPlugin
@@ -138,21 +139,27 @@ class _Predictions:
 
         class Plugin(SupervisedPlugin):
             def before_eval(self, strategy, **kw):
-                outer.pred, outer.true = [], []
+                outer.logits, outer.true = [], []
 
             def after_eval_iteration(self, strategy, **kw):
-                outer.pred.append(strategy.mb_output.argmax(1).cpu())
+                outer.logits.append(strategy.mb_output.detach().float().cpu())
                 outer.true.append(strategy.mb_y.cpu())
 
         self.plugin = Plugin()
-        self.pred: list[torch.Tensor] = []
+        self.logits: list[torch.Tensor] = []
         self.true: list[torch.Tensor] = []
 
     def per_class(self) -> tuple[dict[str, float], float]:
-        pred, true = torch.cat(self.pred), torch.cat(self.true)
+        pred, true = torch.cat(self.logits).argmax(1), torch.cat(self.true)
         out = {str(int(c)): 100.0 * float((pred[true == c] == c).float().mean())
                for c in torch.unique(true)}
         return out, 100.0 * float((pred == true).float().mean())
+
+    def decomposition(self, classes_per_task: list[list[int]]) -> dict[str, float]:
+        """{"wtp", "tii"} in percent over the last evaluation (see metrics.task_decomposition)."""
+        within, task_right = task_decomposition(torch.cat(self.logits).numpy(),
+                                                torch.cat(self.true).numpy(), classes_per_task)
+        return {"wtp": 100.0 * float(within.mean()), "tii": 100.0 * float(task_right.mean())}
 
 
 def _exp_acc(res: dict[str, float], j: int) -> float:
@@ -228,6 +235,7 @@ def run(spec: RunSpec, options: RunOptions = RunOptions()) -> dict[str, Any]:
     per_class, final_acc = preds.per_class()
     metrics = summarize(acc)
     metrics["final_acc"] = final_acc
+    metrics.update(preds.decomposition(info.classes_per_task))
     dev = str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
     return {
         "key": run_key(resolved), "protocol": protocol.name, "backbone": spec.backbone,

@@ -107,6 +107,18 @@ def test_cost_columns_only_when_present(tmp_path):
     assert "## Across protocols" not in (tmp_path / "README.md").read_text()
 
 
+def test_task_split_columns_when_present(tmp_path):
+    recs = [make_record(method=m, seed=s, shift=d) for m, d in (("a", 0), ("b", 1)) for s in (0, 1)]
+    for r in recs:
+        r["metrics"] = {**r["metrics"], "wtp": 96.0 + r["seed"], "tii": 80.0 - 2 * r["seed"]}
+    recs.append(make_record(method="old", seed=0))  # stored before the split existed: blank cells
+    render(recs, tmp_path, figures=False, generated=GEN)
+    md = (tmp_path / "fmnist-5t__tiny.md").read_text()
+    rows = {r["method"]: r for r in parse_tables(md)[0]}
+    assert rows["a"]["WTP"] == "96.50 ± 0.71" and rows["b"]["TII"] == "79.00 ± 1.41"
+    assert rows["old"]["WTP"] == "" and "WTP: within-task prediction" in md
+
+
 def test_no_paired_test_with_one_seed(tmp_path):
     recs = [make_record(method="a", seed=0), make_record(method="b", seed=0, shift=1.0)]
     render(recs, tmp_path, figures=False, generated=GEN)

@@ -157,7 +157,8 @@ def test_export_csv(tmp_path):
     df = export_csv(recs, out)
     back = pd.read_csv(out)
     assert list(back.columns) == ["protocol", "backbone", "method", "label", "table", "seed", "key", "faa", "caa",
-                                  "ffm", "bwt", "final_acc", "train_s", "eval_s", "total_s", "trainable_params"]
+                                  "ffm", "bwt", "final_acc", "wtp", "tii", "train_s", "eval_s", "total_s",
+                                  "trainable_params"]
     assert len(back) == 2 and len(df) == 2
     row = back.iloc[0]
     assert row["method"] == "smope" and row["seed"] == 0 and row["table"] == "main"

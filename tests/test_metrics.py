@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from protocols.metrics import summarize
+from protocols.metrics import summarize, task_decomposition
 
 # acc[j][i]: accuracy on task j (row) after training task i (column); None where j > i.
 ACC3 = [
@@ -83,3 +83,18 @@ def test_missing_evaluated_entry_raises():
         summarize([[90.0, None], [None, 80.0]])
     with pytest.raises(ValueError, match="finite"):
         summarize(np.array([[90.0, math.nan], [0.0, 80.0]]))
+
+
+def test_task_decomposition_by_hand():
+    tasks = [[3, 0], [1, 2]]  # classes by task, not in id order
+    logits = np.array([
+        [5.0, 1.0, 9.0, 2.0],  # label 0 (task 0): own task {0, 3} -> 0 right; overall 2 -> task 1
+        [1.0, 0.0, 0.0, 4.0],  # label 0: own task -> 3 wrong; overall 3 -> task 0 right
+        [0.0, 2.0, 3.0, 1.0],  # label 1 (task 1): own task -> 2 wrong; overall 2 -> task 1
+        [0.0, 6.0, 3.0, -np.inf],  # label 1: right on both (masked logits are fine)
+    ])
+    within, task_right = task_decomposition(logits, [0, 0, 1, 1], tasks)
+    assert within.tolist() == [True, False, False, True]
+    assert task_right.tolist() == [False, True, True, True]
+    with pytest.raises(ValueError, match="no task"):
+        task_decomposition(logits, [0, 0, 1, 3], [[0], [1]])  # label 3 is in no task

@@ -35,6 +35,8 @@ def test_sweep_stores_runs_renders_and_resumes(env, monkeypatch):
         acc = r["acc_matrix"]
         assert len(acc) == 5 and all(acc[j][i] is None for i in range(5) for j in range(i + 1, 5))
         assert r["metrics"]["faa"] == pytest.approx(summarize(acc)["faa"])
+        m = r["metrics"]  # a right prediction is right within its task and in the right task
+        assert m["final_acc"] <= min(m["wtp"], m["tii"]) + 1e-4 and max(m["wtp"], m["tii"]) <= 100
         assert r["class_order"] == __import__("benchmarks").class_order(10, r["seed"], "shuffled")
         assert r["versions"]["torch"] and r["backbone_sha256"] and r["data_hash"]
     joint = [r for r in records if r["method"] == "joint"][0]
