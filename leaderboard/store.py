@@ -213,11 +213,11 @@ class RunStore:
         return iter(self.records())
 
 
-#: Columns of export_csv, in order.
+#: The record's metrics that export_csv writes, and all its columns, in order.
+CSV_METRICS: tuple[str, ...] = ("faa", "caa", "ffm", "bwt", "final_acc", "wtp", "tii")
 CSV_COLUMNS: tuple[str, ...] = (
     "protocol", "backbone", "method", "label", "table", "seed", "key",
-    "faa", "caa", "ffm", "bwt", "final_acc", "wtp", "tii", "train_s", "eval_s", "total_s",
-    "trainable_params",
+    *CSV_METRICS, "train_s", "eval_s", "total_s", "trainable_params",
 )
 
 
@@ -236,7 +236,7 @@ def export_csv(records: Iterable[Mapping[str, Any]], path: str | Path) -> "pd.Da
         rows.append({
             "protocol": r.get("protocol"), "backbone": r.get("backbone"), "method": r.get("method"),
             "label": r.get("label"), "table": r.get("table"), "seed": r.get("seed"), "key": r.get("key"),
-            **{m: metrics.get(m) for m in ("faa", "caa", "ffm", "bwt", "final_acc", "wtp", "tii")},
+            **{m: metrics.get(m) for m in CSV_METRICS},
             **{t: timings.get(t) for t in ("train_s", "eval_s", "total_s")},
             "trainable_params": cost.get("trainable_params"),
         })
