@@ -71,3 +71,17 @@ def train_and_probe(strategy, bm, per_task: int = 16) -> torch.Tensor:
                    for j in range(i + 1))
     n = len(bm.train_stream)
     return torch.stack([bm.test_stream[j].dataset[k][0] for j in range(n) for k in range(per_task)])
+
+
+def vit_b16_strategy(name: str, protocol: str, num_classes: int):
+    """Method `name` with its `protocol` defaults on a randomly initialised ViT-B/16 (nothing
+    downloaded): the model whose added parameters the papers count."""
+    from methods import backbones, registry
+
+    vit = backbones.load("sup21k", random_init=True).vit
+    return registry.create(name, vit=vit, num_classes=num_classes,
+                           hparams=registry.resolve_hparams(name, protocol))
+
+
+def added_params(model) -> int:
+    return sum(p.numel() for _, p in model.added_parameters())

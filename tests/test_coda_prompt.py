@@ -5,9 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from methods import backbones, registry
+from methods import registry
 from methods.coda_prompt import gram_schmidt, ortho_penalty
-from helpers import assert_batch_size_invariant, make_strategy, train_and_probe
+from helpers import (added_params, assert_batch_size_invariant, make_strategy,
+                     train_and_probe, vit_b16_strategy)
 from test_l2p import PROTOCOLS, stream  # the synthetic 5 x 2-class stream
 
 torch.set_num_threads(1)
@@ -127,10 +128,7 @@ def test_sizes_must_fit_the_stream_and_the_vit(tiny):
 
 
 def test_vit_b16_parameter_count():
-    vit = backbones.load("sup21k", random_init=True).vit
-    s = registry.create("coda_prompt", vit=vit, num_classes=100,
-                        hparams=registry.resolve_hparams("coda_prompt", "cifar100-10t"))
-    assert sum(p.numel() for _, p in s.model.added_parameters()) == 3_840_000
+    assert added_params(vit_b16_strategy("coda_prompt", "cifar100-10t", 100).model) == 3_840_000
 
 
 def test_prompt_lr_mult_splits_head_from_current_slice(tiny):

@@ -4,8 +4,9 @@ the published ViT-B/16 parameter counts."""
 import pytest
 import torch
 
-from methods import backbones, registry
-from helpers import assert_batch_size_invariant, make_strategy, train_and_probe
+from methods import registry
+from helpers import (added_params, assert_batch_size_invariant, make_strategy,
+                     train_and_probe, vit_b16_strategy)
 from test_l2p import PROTOCOLS, stream  # the synthetic 5 x 2-class stream
 
 torch.set_num_threads(1)
@@ -110,10 +111,7 @@ def test_pool_smaller_than_stream_is_an_error(tiny):
 
 @pytest.mark.parametrize("protocol,count", [("cifar100-10t", 253_440), ("imagenet-r-10t", 944_640)])
 def test_vit_b16_parameter_counts(protocol, count):
-    vit = backbones.load("sup21k", random_init=True).vit
-    s = registry.create("dualprompt", vit=vit, num_classes=100,
-                        hparams=registry.resolve_hparams("dualprompt", protocol))
-    assert sum(p.numel() for _, p in s.model.added_parameters()) == count
+    assert added_params(vit_b16_strategy("dualprompt", protocol, 100).model) == count
 
 
 def test_prompt_lr_mult_splits_head_from_prompts(tiny):

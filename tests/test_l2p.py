@@ -5,11 +5,12 @@ import torch
 from avalanche.benchmarks.scenarios.supervised import class_incremental_benchmark
 from avalanche.benchmarks.utils import DataAttribute, TransformGroups, make_avalanche_dataset
 
-from methods import backbones, registry
+from methods import registry
 from methods.l2p import L2PModel
 
 torch.set_num_threads(1)
-from helpers import PROTOCOLS, assert_batch_size_invariant, make_strategy, train_and_probe
+from helpers import (PROTOCOLS, added_params, assert_batch_size_invariant,
+                     make_strategy, train_and_probe, vit_b16_strategy)
 
 
 class Synthetic(torch.utils.data.Dataset):
@@ -118,10 +119,7 @@ def test_stream_run_and_batch_size_invariance(tiny):
 
 
 def test_vit_b16_parameter_count():
-    vit = backbones.load("sup21k", random_init=True).vit
-    s = registry.create("l2p", vit=vit, num_classes=100,
-                        hparams=registry.resolve_hparams("l2p", "cifar100-10t"))
-    assert sum(p.numel() for _, p in s.model.added_parameters()) == 46_080
+    assert added_params(vit_b16_strategy("l2p", "cifar100-10t", 100).model) == 46_080
 
 
 def test_prompt_lr_mult_splits_head_from_prompts(tiny):
