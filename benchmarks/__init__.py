@@ -10,6 +10,7 @@ This package never imports ``methods``, ``protocols`` or ``leaderboard``.
 from .cifar100 import load_cifar100
 from .common import DataNotFoundError, LoadedData
 from .cub200 import load_cub200
+from .facts import DATASET_FACTS, DatasetFacts
 from .fashion_mnist import load_fashion_mnist
 from .imagenet_r import load_imagenet_r
 from .streams import (DATASETS, SUBSAMPLE_SEED, StreamInfo, build_stream, class_order, classes_per_exp,
@@ -17,7 +18,7 @@ from .streams import (DATASETS, SUBSAMPLE_SEED, StreamInfo, build_stream, class_
 from .transforms import build_transforms
 
 __all__ = [
-    "DATASETS", "DataNotFoundError", "LoadedData", "StreamInfo", "SUBSAMPLE_SEED", "build_stream",
+    "DATASETS", "DATASET_FACTS", "DataNotFoundError", "DatasetFacts", "LoadedData", "StreamInfo", "SUBSAMPLE_SEED", "build_stream",
     "build_transforms", "class_order", "classes_per_exp", "load_cifar100", "load_cub200",
     "load_fashion_mnist", "load_imagenet_r", "subsample_indices", "unused_indices",
 ]

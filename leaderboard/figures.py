@@ -68,7 +68,7 @@ def _cliques(ranks: list[float], cd: float) -> list[tuple[int, int]]:
     return out
 
 
-def cd_diagram(result: "FriedmanResult", path: str | Path) -> Path:
+def cd_diagram(result: "FriedmanResult", path: str | Path):
     """Demsar-style critical-difference diagram: average ranks on an axis, CD bar, and lines
     joining methods whose average ranks differ by less than CD (Nemenyi, not significant)."""
     order = sorted(result.avg_ranks, key=lambda k: (result.avg_ranks[k], k))
@@ -103,4 +103,8 @@ def cd_diagram(result: "FriedmanResult", path: str | Path) -> Path:
     if result.p is not None:
         title += f"; Friedman p = {result.p:.3g}"
     ax.set_title(title, fontsize=9)
-    return _save(fig, path)
+    return _save(fig, path), True
+
+
+def faa_dots(rows, path, title=""):  # TEMPORARY shim until the figures branch lands
+    return faa_bar(rows, path, title), True

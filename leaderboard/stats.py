@@ -18,6 +18,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
+from .records import config_id, variant_text
+
 __all__ = ["runs_frame", "aggregate", "paired_tests", "friedman", "FriedmanResult",
            "HIGHER_IS_BETTER", "wilcoxon_min_p"]
 
@@ -25,6 +27,7 @@ __all__ = ["runs_frame", "aggregate", "paired_tests", "friedman", "FriedmanResul
 HIGHER_IS_BETTER: dict[str, bool] = {"faa": True, "caa": True, "ffm": False, "bwt": True, "final_acc": True,
                                      "wtp": True, "tii": True}
 _METRICS = ("faa", "caa", "ffm", "bwt", "final_acc", "wtp", "tii")
+_COST = ("trainable_params", "passes_train", "passes_test", "gflops_train", "gflops_test")
 _GROUP = ["protocol", "backbone", "table"]
 
 
@@ -40,49 +43,72 @@ def wilcoxon_min_p(n: int) -> float:
 
 
 def runs_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
-    """One row per run (flattened metrics, cost, timings), one run per (group, label, seed).
+    """One row per run (flattened metrics, cost, timings), one run per (configuration, seed).
 
-    If the same (protocol, backbone, table, label, seed) was stored twice under different keys
-    (e.g. after a code change), only the most recently created run is kept, with a warning, so
-    that a seed is never counted twice.
+    A table row is one configuration (`records.config_id`: the resolved spec without the seed),
+    never a name. `protocol` and `label` are display names: a protocol whose data differs from the
+    shipped protocol of that name, and a configuration that differs from the default one (the
+    record's `variant`), carry what differs, e.g. `smope (top_k=3)`; so a changed configuration
+    never joins, replaces or averages into the default row. Two configurations that would still
+    share a label (records made with different code defaults) are told apart by their config id,
+    the published one (`_published`) keeping the plain label. If one configuration and seed were
+    stored twice under different keys, only the most recently created run is kept, with a warning,
+    so that a seed is never counted twice.
     """
     rows = []
     for r in records:
         m = r.get("metrics") or {}
         cost = r.get("cost") or {}
         tim = r.get("timings") or {}
+        variant = r.get("variant") or {}
+        proto_v, hp_v = variant_text(variant, protocol=True), variant_text(variant)
+        label = r.get("label") or r.get("method")
         rows.append({
-            "key": r.get("key"), "protocol": r.get("protocol"), "backbone": r.get("backbone"),
-            "table": r.get("table", "main"), "label": r.get("label") or r.get("method"),
+            "key": r.get("key"),
+            "protocol": r.get("protocol") + (f" ({proto_v})" if proto_v else ""),
+            "backbone": r.get("backbone"), "table": r.get("table", "main"),
+            "label": label + (f" ({hp_v})" if hp_v else ""),
             "method": r.get("method"), "seed": r.get("seed"), "created": r.get("created") or "",
-            "position": r.get("position", 0),
+            "position": r.get("position", 0), "role": r.get("role") or "method",
+            "config": config_id(r), "default_config": not variant,
+            "default_protocol": not proto_v, "published": bool(r.get("_published", False)),
             **{k: (float(m[k]) if m.get(k) is not None else np.nan) for k in _METRICS},
-            "trainable_params": cost.get("trainable_params", np.nan),
-            "passes_train": cost.get("passes_train", np.nan),
-            "passes_test": cost.get("passes_test", np.nan),
+            **{c: cost.get(c, np.nan) for c in _COST},
             "train_s": tim.get("train_s", np.nan),
             "eval_s": tim.get("eval_s", np.nan),
             "total_s": tim.get("total_s", np.nan),
         })
-    cols = ["key", *_GROUP, "label", "method", "seed", "created", "position", *_METRICS, "trainable_params",
-            "passes_train", "passes_test", "train_s", "eval_s", "total_s"]
+    cols = ["key", *_GROUP, "label", "method", "seed", "created", "position", "role", "config",
+            "default_config", "default_protocol", "published", *_METRICS, *_COST,
+            "train_s", "eval_s", "total_s"]
     df = pd.DataFrame(rows, columns=cols)
     if df.empty:
         return df
-    for c in ["trainable_params", "passes_train", "passes_test", "train_s", "eval_s", "total_s"]:
+    for c in [*_COST, "train_s", "eval_s", "total_s"]:
         df[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
-    df = df.sort_values([*_GROUP, "label", "seed", "created", "key"], kind="stable")
-    dup = df.duplicated([*_GROUP, "label", "seed"], keep="last")
+    df = df.sort_values([*_GROUP, "config", "seed", "created", "key"], kind="stable")
+    dup = df.duplicated([*_GROUP, "config", "seed"], keep="last")
     if dup.any():
         d = df[dup]
-        warnings.warn(f"{int(dup.sum())} run(s) repeat a (protocol, backbone, table, label, seed) already "
-                      f"stored; keeping the most recent, dropping keys {d['key'].tolist()}", stacklevel=2)
+        warnings.warn(f"{int(dup.sum())} run(s) repeat a configuration and seed already stored; "
+                      f"keeping the most recent, dropping keys {d['key'].tolist()}", stacklevel=2)
         df = df[~dup]
+    # one label per configuration within a table
+    for _, g in df.groupby([*_GROUP, "label"], sort=False):
+        configs = g["config"].unique()
+        if len(configs) > 1:
+            keep = set(g.loc[g["published"], "config"].unique())
+            keep = keep if len(keep) == 1 else set()
+            for c in configs:
+                if c not in keep:
+                    idx = g.index[g["config"] == c]
+                    df.loc[idx, "label"] = df.loc[idx, "label"] + f" [config {c[:8]}]"
     return df.reset_index(drop=True)
 
 
 def aggregate(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
-    """Mean and sample std (ddof=1; 0 with one seed) over seeds per (protocol, backbone, table, label).
+    """Mean and sample std (ddof=1; 0 with one seed, which pages show as n/a) over seeds per
+    (protocol, backbone, table, label): one row per configuration (see `runs_frame`).
 
     Columns: protocol, backbone, table, label, method, n, seeds, <metric>_mean, <metric>_std for
     faa, caa, ffm, bwt, final_acc, wtp, tii, and the cost columns (trainable_params, passes_train,
@@ -90,10 +116,11 @@ def aggregate(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     carries them.
     """
     df = runs_frame(records)
-    out_cols = [*_GROUP, "label", "method", "n", "seeds", "position"]
+    out_cols = [*_GROUP, "label", "method", "n", "seeds", "position", "role", "config",
+                "default_config", "default_protocol", "created"]
     for m in _METRICS:
         out_cols += [f"{m}_mean", f"{m}_std"]
-    out_cols += ["trainable_params", "passes_train", "passes_test", "train_s", "eval_s", "total_s"]
+    out_cols += [*_COST, "train_s", "eval_s", "total_s"]
     if df.empty:
         return pd.DataFrame(columns=out_cols)
     rows = []
@@ -101,12 +128,16 @@ def aggregate(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
         row: dict[str, Any] = {"protocol": p, "backbone": b, "table": t, "label": lab,
                                "method": ", ".join(sorted(set(g["method"].dropna()))),
                                "n": int(g["seed"].nunique()), "seeds": sorted(int(s) for s in g["seed"]),
-                               "position": int(g["position"].fillna(0).min())}
+                               "position": int(g["position"].fillna(0).min()),
+                               "role": str(g["role"].iloc[0]), "config": str(g["config"].iloc[0]),
+                               "default_config": bool(g["default_config"].all()),
+                               "default_protocol": bool(g["default_protocol"].all()),
+                               "created": str(g["created"].max())}
         for m in _METRICS:
             v = g[m].dropna().to_numpy(dtype=float)
             row[f"{m}_mean"] = float(v.mean()) if len(v) else np.nan
             row[f"{m}_std"] = float(v.std(ddof=1)) if len(v) > 1 else (0.0 if len(v) else np.nan)
-        for c in ("trainable_params", "passes_train", "passes_test"):
+        for c in _COST:
             v = g[c].dropna()
             row[c] = float(v.median()) if len(v) else np.nan
         for c in ("train_s", "eval_s", "total_s"):
@@ -136,12 +167,15 @@ def paired_tests(records: Iterable[Mapping[str, Any]], reference_label: str | No
     label with the best mean ``metric``. Only seeds both have are used; comparisons with fewer
     than 2 common seeds are skipped. diff = label - reference, so a negative FAA difference means
     the label is worse than the reference. p_holm is Holm-corrected over the comparisons of one
-    table; d_z = mean(diff) / sd(diff).
+    table between methods (`in_family`): the bounds (role "lower bound" / "upper bound": head_only,
+    joint) are references, not contestants, so their comparisons are shown uncorrected and stay
+    out of the family. d_z = mean(diff) / sd(diff).
     """
     _better(metric)
     df = runs_frame(records)
     cols = [*_GROUP, "metric", "reference", "label", "method", "n", "seeds", "mean_reference", "mean_label",
-            "mean_diff", "ci_low", "ci_high", "t", "p", "p_holm", "d_z", "significant"]
+            "mean_diff", "ci_low", "ci_high", "t", "p", "p_holm", "d_z", "significant", "role",
+            "in_family"]
     if df.empty:
         return pd.DataFrame(columns=cols)
     from statsmodels.stats.multitest import multipletests
@@ -178,8 +212,9 @@ def paired_tests(records: Iterable[Mapping[str, Any]], reference_label: str | No
                          "label": lab, "method": ", ".join(sorted(set(h["method"].dropna()))), "n": n,
                          "seeds": [int(s) for s in seeds], "mean_reference": float(y.mean()),
                          "mean_label": float(x.mean()), "mean_diff": md, "ci_low": md - half,
-                         "ci_high": md + half, "t": tstat, "p": pval, "d_z": dz})
-        finite = [i for i, r in enumerate(rows) if not math.isnan(r["p"])]
+                         "ci_high": md + half, "t": tstat, "p": pval, "d_z": dz,
+                         "role": str(h["role"].iloc[0]), "in_family": h["role"].iloc[0] == "method"})
+        finite = [i for i, r in enumerate(rows) if not math.isnan(r["p"]) and r["in_family"]]
         holm = multipletests([rows[i]["p"] for i in finite], alpha=alpha, method="holm")[1] if finite else []
         for r in rows:
             r["p_holm"] = math.nan
@@ -238,7 +273,8 @@ def friedman(records: Iterable[Mapping[str, Any]], metric: str = "faa", table: s
     df = runs_frame(records)
     if df.empty:
         return None
-    df = df[df["table"] == table]
+    # blocks are the protocols as shipped: a user's modified copy is not another data set
+    df = df[(df["table"] == table) & df["default_protocol"]]
     if df.empty:
         return None
     scores = df.groupby(["protocol", "backbone", "label"])[metric].mean().unstack("label")

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 __all__ = ["RunStore", "RecordError", "REQUIRED_FIELDS", "REQUIRED_METRICS", "validate_record",
-           "export_csv", "CSV_COLUMNS"]
+           "export_csv", "CSV_COLUMNS", "OutputError"]
 
 #: Fields without which a record cannot be placed in a table or reproduced.
 REQUIRED_FIELDS: tuple[str, ...] = (
@@ -216,18 +216,36 @@ class RunStore:
 #: The record's metrics that export_csv writes, and all its columns, in order.
 CSV_METRICS: tuple[str, ...] = ("faa", "caa", "ffm", "bwt", "final_acc", "wtp", "tii")
 CSV_COLUMNS: tuple[str, ...] = (
-    "protocol", "backbone", "method", "label", "table", "seed", "key",
-    *CSV_METRICS, "train_s", "eval_s", "total_s", "trainable_params",
+    "protocol", "backbone", "method", "label", "table", "seed", "key", "config", "variant",
+    "published", *CSV_METRICS, "train_s", "eval_s", "total_s", "trainable_params", "gflops_test",
 )
 
 
-def export_csv(records: Iterable[Mapping[str, Any]], path: str | Path) -> "pd.DataFrame":
+class OutputError(ValueError):
+    """An output path that must not be written (it would destroy something)."""
+
+
+def export_csv(records: Iterable[Mapping[str, Any]], path: str | Path,
+               protect: Iterable[str | Path] = ()) -> "pd.DataFrame":
     """Write one row per run (for spreadsheets and ad-hoc analysis); returns the frame written.
 
-    Fields a record lacks (e.g. no timings) are left empty rather than guessed.
+    Fields a record lacks (e.g. no timings) are left empty rather than guessed. `published` says
+    whether the run is a published record. Refused (OutputError, nothing written): a path in
+    `protect` (the run store), a folder, or an existing file that is not a .csv.
     """
     import pandas as pd
 
+    from .records import config_id, variant_text
+
+    path = Path(path)
+    if any(path.resolve() == Path(p).resolve() for p in protect):
+        raise OutputError(f"--export {path} is the run store: refusing to overwrite it with CSV")
+    if path.is_dir():
+        raise OutputError(f"--export {path} is a folder; give a file name ending in .csv")
+    if path.exists() and path.suffix.lower() != ".csv":
+        raise OutputError(f"--export {path} exists and is not a .csv file: refusing to overwrite it")
+    if path.suffix.lower() != ".csv":
+        raise OutputError(f"--export {path}: give a file name ending in .csv")
     rows = []
     for r in records:
         metrics = r.get("metrics") or {}
@@ -236,16 +254,22 @@ def export_csv(records: Iterable[Mapping[str, Any]], path: str | Path) -> "pd.Da
         rows.append({
             "protocol": r.get("protocol"), "backbone": r.get("backbone"), "method": r.get("method"),
             "label": r.get("label"), "table": r.get("table"), "seed": r.get("seed"), "key": r.get("key"),
+            "config": config_id(r),
+            "variant": "; ".join(t for t in (variant_text(r.get("variant"), protocol=True),
+                                             variant_text(r.get("variant"))) if t),
+            "published": bool(r.get("_published", False)),
             **{m: metrics.get(m) for m in CSV_METRICS},
             **{t: timings.get(t) for t in ("train_s", "eval_s", "total_s")},
-            "trainable_params": cost.get("trainable_params"),
+            "trainable_params": cost.get("trainable_params"), "gflops_test": cost.get("gflops_test"),
         })
     df = pd.DataFrame(rows, columns=list(CSV_COLUMNS))
     if not df.empty:
         df["seed"] = df["seed"].astype("Int64")
         df["trainable_params"] = pd.to_numeric(df["trainable_params"]).astype("Int64")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(path, index=False)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        df.to_csv(path, index=False)
+    except OSError as e:
+        raise OutputError(f"--export {path}: cannot write it ({e.strerror or e})") from None
     return df
 

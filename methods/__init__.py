@@ -1,7 +1,9 @@
 """What learns: the shared prompted ViT, the backbone registry, the base strategy, the methods."""
 from .base import Hparams, PromptModel, PromptStrategy
-from .registry import create, get, load_plugin, names, register, resolve_hparams
+from .registry import (HparamError, PluginError, UnknownMethodError, ablation, create, get, has_defaults,
+                       load_plugin, names, register, resolve_hparams)
 from .vit import PromptedViT
 
-__all__ = ["Hparams", "PromptModel", "PromptStrategy", "PromptedViT", "create", "get",
-           "load_plugin", "names", "register", "resolve_hparams"]
+__all__ = ["HparamError", "Hparams", "PluginError", "PromptModel", "PromptStrategy", "PromptedViT",
+           "UnknownMethodError", "ablation", "create", "get", "has_defaults", "load_plugin", "names",
+           "register", "resolve_hparams"]

@@ -15,7 +15,9 @@ A method subclasses `PromptStrategy`, defines `Hparams` (a dataclass extending t
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import time
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar, Iterator
 
@@ -100,6 +102,15 @@ class PromptModel(nn.Module):
             raise RuntimeError(f"method state mismatch: missing {missing}, unexpected {unexpected}")
 
 
+@contextlib.contextmanager
+def _timer(acc: dict[str, float], key: str):
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        acc[key] += time.perf_counter() - t0
+
+
 def quiet_evaluator() -> EvaluationPlugin:
     return EvaluationPlugin(accuracy_metrics(experience=True, stream=True), loggers=[])
 
@@ -113,12 +124,18 @@ class PromptStrategy(SupervisedTemplate):
     DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {}  # protocol name -> hparam overrides
     passes_train: ClassVar[int] = 1  # ViT forward passes per training image
     passes_test: ClassVar[int] = 1  # ViT forward passes per test image (the query pass counts)
-    trains_jointly: ClassVar[bool] = False  # True: trained once on the whole stream (`joint`)
+    # "method" competes in the tables; "lower bound" / "upper bound" are references, kept out of
+    # the paired tests' Holm family
+    role: ClassVar[str] = "method"
+    # the method's cumulative ablation ladder: [(label, hparam overrides), ...], first rung to
+    # the full method (a protocol's `ablations: {name: {method: m, variants: ladder}}` runs it)
+    ABLATION: ClassVar[list[tuple[str, dict[str, Any]]]] = []
 
     def __init__(self, *, vit: PromptedViT, num_classes: int, hparams: Any = None,
                  device: str | torch.device = "cpu", eval_mb_size: int = 256,
                  evaluator: EvaluationPlugin | None = None, plugins: list | None = None,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", num_tasks: int | None = None,
+                 classes_per_task: list[int] | None = None):
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
         self.precision = precision
@@ -128,6 +145,12 @@ class PromptStrategy(SupervisedTemplate):
             hp = self.Hparams(**(hparams or {}))
         self.hp = hp
         self.num_classes = num_classes
+        # the stream's facts, as the runner knows them before any data is read (None when a
+        # strategy is built outside a run, e.g. in a unit test: then only task-time checks apply)
+        self.num_tasks = num_tasks
+        self.classes_per_task = list(classes_per_task) if classes_per_task is not None else None
+        if num_tasks is not None:
+            self.check_stream(num_tasks)
         self.task_id = -1
         self.current_classes: list[int] = []
         self.seen_classes: list[int] = []
@@ -157,6 +180,17 @@ class PromptStrategy(SupervisedTemplate):
                  "lr": self.hp.lr * self.hp.prompt_lr_mult},
                 {"params": [p for p in trainable if id(p) in head], "lr": self.hp.lr}]
 
+    @classmethod
+    def stream_hparams(cls, num_tasks: int, classes_per_task: list[int]) -> dict[str, Any]:
+        """Hyperparameters that follow from the stream (e.g. one E-prompt per task): computed
+        here, never repeated in `DEFAULTS`. They are resolved after `DEFAULTS` and before the
+        protocol YAML and command-line overrides, so a user can still set them."""
+        return {}
+
+    def check_stream(self, num_tasks: int) -> None:
+        """Raise ValueError, before any training, when the hyperparameters cannot serve a stream
+        of `num_tasks` tasks (e.g. fewer E-prompts than tasks)."""
+
     def task_start(self) -> None:
         """Per-task set-up before the optimizer is built (freeze, initialise, snapshot)."""
 
@@ -166,6 +200,20 @@ class PromptStrategy(SupervisedTemplate):
     def aux_loss(self) -> Tensor | None:
         """Extra training loss for the current minibatch (key pull, orthogonality, ...)."""
         return None
+
+    # ------------------------------------------------------------------ the protocol
+    def fit(self, train_stream, test_stream) -> Iterator[int]:
+        """Learn `train_stream` task by task; after task i, evaluate tasks 0..i of `test_stream`
+        and yield i. Every accuracy reaches the caller through its evaluation plugins, and
+        `self.seconds` holds the training and evaluation wall time. A reference that does not
+        learn task by task (`joint`) overrides this and nothing else of the protocol."""
+        self.seconds = {"train": 0.0, "eval": 0.0}
+        for i, exp in enumerate(train_stream):
+            with _timer(self.seconds, "train"):
+                self.train(exp, eval_streams=[])
+            with _timer(self.seconds, "eval"):
+                self.eval(test_stream[:i + 1])
+            yield i
 
     # ------------------------------------------------------------------ optimizer and schedule
     def _new_optimizer(self, model: nn.Module | None = None, groups: list[dict] | None = None):

@@ -164,14 +164,23 @@ class CodaPrompt(PromptStrategy):
     passes_train = 2
     passes_test = 2
     DEFAULTS = {
-        "cifar100-10t": dict(epochs=20, n_tasks=10),
-        "imagenet-r-5t": dict(epochs=50, n_tasks=5),
-        "imagenet-r-10t": dict(epochs=50, n_tasks=10),
-        "imagenet-r-20t": dict(epochs=50, n_tasks=20),
-        "cub200-10t": dict(epochs=20, n_tasks=10),
-        "fmnist-5t": dict(epochs=2, batch_size=32, lr=0.005, n_tasks=5, n_components=20,
+        "cifar100-10t": dict(epochs=20),
+        "imagenet-r-5t": dict(epochs=50),
+        "imagenet-r-10t": dict(epochs=50),
+        "imagenet-r-20t": dict(epochs=50),
+        "cub200-10t": dict(epochs=20),
+        "fmnist-5t": dict(epochs=2, batch_size=32, lr=0.005, n_components=20,
                           prompt_lr_mult=0.5),
     }
+
+    @classmethod
+    def stream_hparams(cls, num_tasks: int, classes_per_task: list[int]) -> dict:
+        return {"n_tasks": num_tasks}  # one slice of components per task
+
+    def check_stream(self, num_tasks: int) -> None:
+        if num_tasks != self.hp.n_tasks:
+            raise ValueError(f"coda_prompt: the stream has {num_tasks} tasks but n_tasks="
+                             f"{self.hp.n_tasks}; set n_tasks={num_tasks}")
 
     def build_model(self, vit: PromptedViT, num_classes: int) -> CodaModel:
         return CodaModel(vit, num_classes, self.hp)

@@ -132,13 +132,22 @@ class DualPrompt(PromptStrategy):
     passes_train = 2  # the query pass feeds the pull loss
     passes_test = 2
     DEFAULTS = {
-        "cifar100-10t": dict(epochs=5, lr=0.03 * 128 / 256, e_length=5, pool_size=10),
-        "imagenet-r-5t": dict(epochs=50, lr=0.005 * 128 / 256, e_length=20, pool_size=5),
-        "imagenet-r-10t": dict(epochs=50, lr=0.005 * 128 / 256, e_length=20, pool_size=10),
-        "imagenet-r-20t": dict(epochs=50, lr=0.005 * 128 / 256, e_length=20, pool_size=20),
-        "cub200-10t": dict(epochs=5, lr=0.03 * 128 / 256, e_length=20, pool_size=10),
-        "fmnist-5t": dict(epochs=2, batch_size=32, lr=0.005, e_length=5, pool_size=5),
+        "cifar100-10t": dict(epochs=5, lr=0.03 * 128 / 256, e_length=5),
+        "imagenet-r-5t": dict(epochs=50, lr=0.005 * 128 / 256, e_length=20),
+        "imagenet-r-10t": dict(epochs=50, lr=0.005 * 128 / 256, e_length=20),
+        "imagenet-r-20t": dict(epochs=50, lr=0.005 * 128 / 256, e_length=20),
+        "cub200-10t": dict(epochs=5, lr=0.03 * 128 / 256, e_length=20),
+        "fmnist-5t": dict(epochs=2, batch_size=32, lr=0.005, e_length=5),
     }
+
+    @classmethod
+    def stream_hparams(cls, num_tasks: int, classes_per_task: list[int]) -> dict:
+        return {"pool_size": num_tasks}  # one E-prompt per task
+
+    def check_stream(self, num_tasks: int) -> None:
+        if num_tasks > self.hp.pool_size:
+            raise ValueError(f"dualprompt: the stream has {num_tasks} tasks but pool_size="
+                             f"{self.hp.pool_size} E-prompts (one per task); set pool_size={num_tasks}")
 
     def build_model(self, vit: PromptedViT, num_classes: int) -> DualPromptModel:
         return DualPromptModel(vit, num_classes, self.hp)

@@ -173,13 +173,13 @@ class HiDePrompt(PromptStrategy):
                    "contrastive WTP; TII and head re-fit from multi-centroid Gaussian statistics")
     Hparams = HiDeHparams
     DEFAULTS = {
-        "cifar100-10t": dict(epochs=50, prompt_length=5, reg=0.1, pool_size=10),
-        "imagenet-r-5t": dict(epochs=150, prompt_length=20, reg=0.5, pool_size=5),
-        "imagenet-r-10t": dict(epochs=150, prompt_length=20, reg=0.5, pool_size=10),
-        "imagenet-r-20t": dict(epochs=150, prompt_length=20, reg=0.5, pool_size=20),
-        "cub200-10t": dict(epochs=50, prompt_length=20, reg=0.01, pool_size=10, head_lr_mult=1.0,
+        "cifar100-10t": dict(epochs=50, prompt_length=5, reg=0.1),
+        "imagenet-r-5t": dict(epochs=150, prompt_length=20, reg=0.5),
+        "imagenet-r-10t": dict(epochs=150, prompt_length=20, reg=0.5),
+        "imagenet-r-20t": dict(epochs=150, prompt_length=20, reg=0.5),
+        "cub200-10t": dict(epochs=50, prompt_length=20, reg=0.01, head_lr_mult=1.0,
                            tii_lr=9.375e-4),
-        "fmnist-5t": dict(epochs=2, batch_size=32, lr=0.01, pool_size=5, prompt_layers=[0, 1, 2],
+        "fmnist-5t": dict(epochs=2, batch_size=32, lr=0.01, prompt_layers=[0, 1, 2],
                           tii_epochs=3, tii_batch_size=32, tii_lr=1e-3, tii_cache_features=True,
                           tii_align_lr=0.01, tap_lr=0.01),
     }
@@ -191,6 +191,15 @@ class HiDePrompt(PromptStrategy):
         hp = self.hp
         self.tii_stats = ClassStatistics("diag", n_centroids=hp.n_centroids, eps=1e-4)
         self.stats = ClassStatistics("diag", n_centroids=hp.n_centroids, eps=1e-4)
+
+    @classmethod
+    def stream_hparams(cls, num_tasks: int, classes_per_task: list[int]) -> dict:
+        return {"pool_size": num_tasks}  # one prompt per task
+
+    def check_stream(self, num_tasks: int) -> None:
+        if num_tasks > self.hp.pool_size:
+            raise ValueError(f"hide_prompt: the stream has {num_tasks} tasks but pool_size="
+                             f"{self.hp.pool_size} prompts (one per task); set pool_size={num_tasks}")
 
     def build_model(self, vit: PromptedViT, num_classes: int) -> HiDeModel:
         return HiDeModel(vit, num_classes, self.hp)

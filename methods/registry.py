@@ -1,20 +1,27 @@
 """The method registry: names -> `PromptStrategy` subclasses, and their hyperparameters.
 
 Three ways in (DESIGN.md "Extension"):
-1. a module in `methods/` decorated with `@register("name")` (listed in `BUILTIN`);
+1. a module in the `methods` package decorated with `@register("name")`: every module of the
+   package is imported on first use, so a new method is one new file and nothing else;
 2. `load_plugin("path/to/file.py")` or `load_plugin("package.module")` (`--plugin` on the CLI);
 3. an installed package exposing the entry-point group `promptcl.methods`
    (`name = package.module:Class` or `name = package.module`).
+A name belongs to the first class registered under it: a plugin can never replace a built-in or
+another plugin's method, whatever its class is called.
 
 Hyperparameters resolve in one order for every method: the `Hparams` dataclass defaults, then the
-method's `DEFAULTS[protocol]`, then the protocol YAML's `methods: {name: {...}}`, then command-line
+method's `DEFAULTS[protocol]` (or `DEFAULTS["*"]`, the generic defaults a method may declare for
+protocols it has no entry for), then `stream_hparams()` (what follows from the stream: tasks,
+classes per task), then the protocol YAML's `methods: {name: {...}}`, then command-line
 overrides. Unknown keys are errors that list the valid ones.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
 import importlib.util
+import pkgutil
 import sys
 import typing
 from importlib.metadata import entry_points
@@ -23,10 +30,9 @@ from typing import Any
 
 from .base import PromptStrategy
 
-# The canonical order of the built-in methods (the references first, SMoPE last).
-BUILTIN = ("head_only", "joint", "l2p", "dualprompt", "coda_prompt", "hide_prompt", "vq_prompt",
-           "smope")
 ENTRY_POINT_GROUP = "promptcl.methods"
+# `names()` lists references before methods: their role sorts first
+_ROLE_ORDER = {"lower bound": 0, "upper bound": 1, "method": 2}
 
 _REGISTRY: dict[str, type[PromptStrategy]] = {}
 _discovered = False
@@ -37,14 +43,24 @@ class UnknownMethodError(KeyError):
         return str(self.args[0])
 
 
+class HparamError(ValueError):
+    """A hyperparameter is unknown or has a value its method cannot use."""
+
+
+class PluginError(ValueError):
+    """A plugin cannot be used: it fails to import, registers nothing, or takes a used name."""
+
+
 def register(name: str):
     """Class decorator: `@register("l2p") class L2P(PromptStrategy): ...`."""
     def wrap(cls: type[PromptStrategy]) -> type[PromptStrategy]:
         if not (isinstance(cls, type) and issubclass(cls, PromptStrategy)):
             raise TypeError(f"@register({name!r}) needs a PromptStrategy subclass")
         other = _REGISTRY.get(name)
-        if other is not None and other.__qualname__ != cls.__qualname__:
-            raise ValueError(f"method name {name!r} already registered by {other.__module__}")
+        if other is not None and other is not cls:
+            raise PluginError(f"method name {name!r} is already registered by "
+                              f"{other.__module__}.{other.__qualname__}; "
+                              f"{cls.__module__}.{cls.__qualname__} must use another name")
         cls.name = name
         _REGISTRY[name] = cls
         return cls
@@ -52,46 +68,76 @@ def register(name: str):
 
 
 def _discover() -> None:
-    """Import the built-in method modules that exist and the installed entry points, once."""
+    """Import every module of this package and the installed entry points, once."""
     global _discovered
     if _discovered:
         return
     _discovered = True
-    for mod in BUILTIN:
-        if importlib.util.find_spec(f"{__package__}.{mod}") is not None:
-            importlib.import_module(f"{__package__}.{mod}")
+    for info in sorted(pkgutil.iter_modules(sys.modules[__package__].__path__), key=lambda m: m.name):
+        importlib.import_module(f"{__package__}.{info.name}")
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         obj = ep.load()
-        if isinstance(obj, type) and issubclass(obj, PromptStrategy) and ep.name not in _REGISTRY:
+        if isinstance(obj, type) and issubclass(obj, PromptStrategy) and obj.name != ep.name:
             register(ep.name)(obj)
 
 
 def load_plugin(spec: str) -> list[str]:
-    """Import a plugin from a .py file path or a dotted module name; return the names it added."""
+    """Import a plugin from a .py file path or a dotted module name; return the names it added.
+
+    A file is imported once per path (as `promptcl_plugin_<stem>_<hash of the path>`), so loading
+    it twice is harmless and two files with the same name never shadow each other."""
     _discover()
     path = Path(spec)
+    before = set(_REGISTRY)
     if spec.endswith(".py") or path.is_file():
         if not path.is_file():
-            raise FileNotFoundError(f"plugin file {spec} not found")
-        mod_name = f"promptcl_plugin_{path.stem}"
-        module_spec = importlib.util.spec_from_file_location(mod_name, path)
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[mod_name] = module
-        module_spec.loader.exec_module(module)
+            raise PluginError(f"plugin file {spec} not found")
+        resolved = path.resolve()
+        tag = hashlib.sha256(str(resolved).encode()).hexdigest()[:12]
+        mod_name = f"promptcl_plugin_{_identifier(path.stem)}_{tag}"
+        if mod_name not in sys.modules:
+            module_spec = importlib.util.spec_from_file_location(mod_name, resolved)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[mod_name] = module
+            try:
+                module_spec.loader.exec_module(module)
+            except PluginError:
+                del sys.modules[mod_name]
+                raise
+            except Exception as e:  # the plugin's own code failed: the user can fix it
+                del sys.modules[mod_name]
+                _forget(before)
+                raise PluginError(f"plugin {spec} failed to import: {type(e).__name__}: {e}") from e
     else:
-        mod_name = importlib.import_module(spec).__name__
+        try:
+            mod_name = importlib.import_module(spec).__name__
+        except PluginError:
+            raise
+        except Exception as e:
+            _forget(before)
+            raise PluginError(f"plugin module {spec!r} failed to import: {type(e).__name__}: {e}") from e
     added = sorted(n for n, c in _REGISTRY.items() if c.__module__ == mod_name)
     if not added:
-        raise ValueError(f"plugin {spec} registered no method (decorate a PromptStrategy "
-                         f"subclass with @register('name'))")
+        raise PluginError(f"plugin {spec} registered no method (decorate a PromptStrategy "
+                          f"subclass with @register('name'))")
     return added
 
 
+def _identifier(stem: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in stem)
+
+
+def _forget(before: set[str]) -> None:
+    """Drop what a failed plugin import registered before it failed."""
+    for n in set(_REGISTRY) - before:
+        del _REGISTRY[n]
+
+
 def names() -> list[str]:
-    """Registered method names: built-ins in canonical order, then plugins alphabetically."""
+    """Registered method names: the references (lower, then upper bound), then the methods,
+    alphabetically."""
     _discover()
-    builtin = [n for n in BUILTIN if n in _REGISTRY]
-    return builtin + sorted(n for n in _REGISTRY if n not in BUILTIN)
+    return sorted(_REGISTRY, key=lambda n: (_ROLE_ORDER.get(_REGISTRY[n].role, 2), n))
 
 
 def get(name: str) -> type[PromptStrategy]:
@@ -102,6 +148,21 @@ def get(name: str) -> type[PromptStrategy]:
         raise UnknownMethodError(
             f"unknown method {name!r}; registered: {', '.join(names())} "
             f"(add your own with --plugin FILE.py)") from None
+
+
+def ablation(name: str) -> list[tuple[str, dict[str, Any]]]:
+    """Method `name`'s cumulative ablation ladder, [(label, hparam overrides), ...]."""
+    ladder = list(get(name).ABLATION)
+    if not ladder:
+        raise ValueError(f"method {name!r} defines no ABLATION ladder")
+    return ladder
+
+
+def has_defaults(name: str, protocol: str) -> bool:
+    """Whether method `name` has hyperparameters for `protocol`: its own entry, or generic
+    defaults it declared with `DEFAULTS["*"]`."""
+    defaults = get(name).DEFAULTS
+    return protocol in defaults or "*" in defaults
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
@@ -120,14 +181,20 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
                 return True
             if value.lower() in ("0", "false", "no", "off"):
                 return False
-            raise ValueError(f"{key}: expected a boolean, got {value!r}")
+            raise HparamError(f"{key}: expected a boolean, got {value!r}")
         return bool(value)
     if annotation is int:
         if isinstance(value, float) and not value.is_integer():
-            raise ValueError(f"{key}: expected an integer, got {value!r}")
-        return int(value)
+            raise HparamError(f"{key}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise HparamError(f"{key}: expected an integer, got {value!r}") from None
     if annotation is float:
-        return float(value)
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise HparamError(f"{key}: expected a number, got {value!r}") from None
     if annotation is str:
         return str(value)
     if typing.get_origin(annotation) in (list, tuple) and isinstance(value, str):
@@ -136,19 +203,30 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     return value
 
 
-def resolve_hparams(name: str, protocol: str | None = None, *overrides: dict[str, Any] | None) -> dict[str, Any]:
-    """Merged, type-checked hyperparameters for `name` under `protocol` (see module docstring)."""
+def resolve_hparams(name: str, protocol: str | None = None, *overrides: dict[str, Any] | None,
+                    num_tasks: int | None = None, classes_per_task: list[int] | None = None
+                    ) -> dict[str, Any]:
+    """Merged, type-checked hyperparameters for `name` under `protocol` (see module docstring).
+
+    `num_tasks` / `classes_per_task` are the stream's facts; without them the hyperparameters
+    that follow from the stream keep their dataclass defaults."""
     cls = get(name)
     hints = typing.get_type_hints(cls.Hparams)
     valid = {f.name for f in dataclasses.fields(cls.Hparams)}
     merged: dict[str, Any] = {}
-    for layer in (cls.DEFAULTS.get(protocol or "", {}), *overrides):
+    defaults = cls.DEFAULTS.get(protocol or "", cls.DEFAULTS.get("*", {}))
+    stream = {} if num_tasks is None else cls.stream_hparams(
+        num_tasks, list(classes_per_task) if classes_per_task is not None else [])
+    for layer in (defaults, stream, *overrides):
         for key, value in (layer or {}).items():
             if key not in valid:
-                raise ValueError(
+                raise HparamError(
                     f"unknown hyperparameter {key!r} for method {name!r}; valid: {', '.join(sorted(valid))}")
             merged[key] = _coerce(value, hints.get(key, Any), f"{name}.{key}")
-    return dataclasses.asdict(cls.Hparams(**merged))
+    try:
+        return dataclasses.asdict(cls.Hparams(**merged))
+    except (TypeError, ValueError) as e:  # the dataclass's own checks (choices, ranges)
+        raise HparamError(f"{name}: {e}") from None
 
 
 def create(name: str, **kwargs) -> PromptStrategy:

@@ -279,6 +279,18 @@ class SMoPEModel(PromptModel):
         self.frequent |= (f >= mean) & (total > 0)
 
 
+def _ladder() -> list[tuple[str, dict]]:
+    """The paper's cumulative ablation (spec §6.5, CUB-200) as (label, hparam overrides), from
+    plain one-prompt prefix tuning (per-token scores, every expert, no extra stage) to the full
+    method: each rung adds one component; a rung's overrides switch off all later ones."""
+    rungs = [("one prompt", None), ("+ score aggregation", "aggregate"),
+             ("+ sparse expert selection", "sparse"), ("+ adaptive noise", "noise"),
+             ("+ task-adaptive prediction", "alignment"), ("+ initial dense training", "dense_warmup"),
+             ("+ router loss", "router_loss"), ("+ prototype loss (SMoPE)", "proto_loss")]
+    switches = [s for _, s in rungs if s is not None]
+    return [(label, {s: False for s in switches[i:]}) for i, (label, _) in enumerate(rungs)]
+
+
 @register("smope")
 class SMoPE(PromptStrategy):
     """SMoPE on the suite's shared frozen ViT (mechanism in the module docstring).
@@ -329,6 +341,7 @@ class SMoPE(PromptStrategy):
     Hparams = SMoPEHparams
     passes_train = 1
     passes_test = 1
+    ABLATION = _ladder()  # `run_suite.py --ablation smope` (protocol YAML: `variants: ladder`)
     DEFAULTS = {
         # spec §4.5 (configs/*.yaml and experiments/*.sh of the official code)
         "cifar100-10t": dict(epochs=20, batch_size=128, lr=0.005, alpha_router=1e-5,
@@ -438,25 +451,3 @@ class SMoPE(PromptStrategy):
                          generator=self.generator, device=self.device)
         self.model.eval()
 
-
-def _ladder() -> list[tuple[str, dict]]:
-    """Spec §6.5: each rung adds one component; a rung's overrides switch off all later ones."""
-    rungs = [("one prompt", None), ("+ score aggregation", "aggregate"),
-             ("+ sparse expert selection", "sparse"), ("+ adaptive noise", "noise"),
-             ("+ task-adaptive prediction", "alignment"), ("+ initial dense training", "dense_warmup"),
-             ("+ router loss", "router_loss"), ("+ prototype loss (SMoPE)", "proto_loss")]
-    switches = [s for _, s in rungs if s is not None]
-    return [(label, {s: False for s in switches[i:]}) for i, (label, _) in enumerate(rungs)]
-
-
-# The paper's cumulative ablation (CUB-200): (label, hparam overrides), from plain one-prompt
-# prefix tuning (per-token scores, every expert, no extra stage) to the full method.
-ABLATION: list[tuple[str, dict]] = _ladder()
-# What the paper reports for those rungs on CUB-200 (FAA, CAA); secondary source, spec §6.5.
-ABLATION_PUBLISHED: dict[str, tuple[float, float]] = {
-    "one prompt": (75.23, 83.61), "+ score aggregation": (75.49, 83.65),
-    "+ sparse expert selection": (79.12, 87.16), "+ adaptive noise": (85.36, 89.12),
-    "+ task-adaptive prediction": (86.03, 90.09), "+ initial dense training": (86.27, 90.23),
-    "+ router loss": (87.05, 90.47), "+ prototype loss (SMoPE)": (87.43, 91.11)}
-# The paper's noise-strength sweep (spec §2; values of the secondary notes, no numbers).
-NOISE_SWEEP: list[tuple[str, dict]] = [(f"eps={e:g}", {"eps": e}) for e in (0.0, 0.5, 1.0)]

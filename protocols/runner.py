@@ -5,9 +5,11 @@ a worker process, a Ray worker or a Slurm job and come back as a record; only th
 the store. The run key is the sha256 of the resolved spec (protocol data fields, backbone, method,
 resolved hyperparameters, seed, label, table): a sweep skips keys already stored.
 
-Flow: build the stream for the seed -> load the frozen backbone -> create the method -> for each
-task, train, then evaluate every task seen so far (Avalanche's per-experience accuracy) -> the
-paper metrics from the full accuracy matrix (`protocols.metrics.summarize`) -> the record.
+Flow: build the stream for the seed -> load the frozen backbone -> create the method with the
+stream's facts -> `strategy.fit()` (train each task, then evaluate every task seen so far) -> the
+accuracy matrix from the evaluation's own predictions -> the paper metrics
+(`protocols.metrics.summarize`) -> the record. The driver, not the run, stamps the user's command
+line on it (a Ray or Slurm worker would otherwise record its own).
 """
 from __future__ import annotations
 
@@ -15,7 +17,6 @@ import hashlib
 import json
 import platform
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -27,9 +28,10 @@ import torch
 
 from benchmarks import build_stream
 from methods import backbones, registry
+from methods.cost import cost_row
 
 from .metrics import summarize, task_decomposition
-from .schema import Protocol, load_protocol
+from .schema import Protocol, available, load_protocol
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -40,11 +42,12 @@ class RunSpec:
     backbone: str
     method: str
     seed: int
-    overrides: dict[str, Any] = field(default_factory=dict, hash=False)
+    overrides: dict[str, Any] = field(default_factory=dict, hash=False)  # the user's --set
     label: str = ""  # defaults to the method name; ablation variants carry their own label
     table: str = "main"  # "main" or "ablation:<name>"
     position: int = field(default=0, compare=False)  # rung of an ablation ladder (display only)
     precision: str = "fp32"  # "bf16": autocast (changes numerics, so it is part of the key)
+    rung: dict[str, Any] = field(default_factory=dict, hash=False)  # an ablation rung's overrides
 
     @property
     def display_label(self) -> str:
@@ -61,7 +64,7 @@ class RunOptions:
     quiet: bool = False
     download: bool = False
     allow_download: bool = False
-    random_init: bool = False  # backbone without weights: tests and cost only (sha256 says so)
+    random_init: bool = False  # backbone without weights: tests, cost and dry runs (sha256 says so)
     threads: int | None = None  # torch CPU threads for this run (None: torch's default)
 
 
@@ -71,17 +74,57 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def method_hparams(method: str, protocol: Protocol, *overrides: dict[str, Any]) -> dict[str, Any]:
+    """`method`'s resolved hyperparameters on `protocol`: its defaults for the protocol, what
+    follows from the stream (tasks, classes per task), the protocol YAML's settings, then
+    `overrides` in order."""
+    return registry.resolve_hparams(
+        method, protocol.name, protocol.methods.get(method, {}), *overrides,
+        num_tasks=protocol.num_tasks, classes_per_task=protocol.classes_per_task)
+
+
 def resolve(spec: RunSpec, protocol: Protocol | None = None) -> dict[str, Any]:
     """The resolved spec: everything that defines the result, hyperparameters made explicit."""
     protocol = protocol or load_protocol(spec.protocol)
-    hparams = registry.resolve_hparams(
-        spec.method, protocol.name, protocol.methods.get(spec.method, {}), spec.overrides)
+    hparams = method_hparams(spec.method, protocol, spec.rung, spec.overrides)
     resolved = {"protocol": protocol.data_spec(), "backbone": spec.backbone, "method": spec.method,
                 "hparams": hparams, "seed": int(spec.seed), "label": spec.display_label,
                 "table": spec.table}
     if spec.precision != "fp32":  # only when set, so fp32 keys stay what they always were
         resolved["precision"] = spec.precision
     return resolved
+
+
+def variant(spec: RunSpec, protocol: Protocol | None = None) -> dict[str, Any]:
+    """What makes this run's configuration differ from the default one of its (protocol name,
+    backbone, method, label, table) row: the protocol's data fields where a user's YAML reuses a
+    shipped protocol's name, the hyperparameters the user or that YAML changed, and the precision.
+    {} for the default configuration. It labels the run's row and never lets a changed
+    configuration pass for the default one."""
+    protocol = protocol or load_protocol(spec.protocol)
+    reference = protocol
+    out: dict[str, Any] = {}
+    if not protocol.shipped and protocol.name in available():
+        reference = load_protocol(protocol.name)
+        ours, theirs = _flat(protocol.data_spec()), _flat(reference.data_spec())
+        out.update({f"protocol.{k}": v for k, v in sorted(ours.items()) if theirs.get(k) != v})
+        out.update({f"protocol.{k}": None for k in sorted(set(theirs) - set(ours))})
+    hp = method_hparams(spec.method, protocol, spec.rung, spec.overrides)
+    default = method_hparams(spec.method, reference, spec.rung)
+    out.update({k: v for k, v in hp.items() if default.get(k) != v})
+    if spec.precision != "fp32":
+        out["precision"] = spec.precision
+    return out
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def run_key(resolved: dict[str, Any]) -> str:
@@ -129,8 +172,9 @@ def _evaluator(quiet: bool):
 
 
 class _Predictions:
-    """Avalanche plugin that keeps the last evaluation's logits: per-class accuracy, and the split
-    of the final accuracy into within-task prediction and task-identity inference."""
+    """Avalanche plugin that keeps each evaluation's logits, labels and experience ids: the one
+    source of every accuracy of a record (the matrix, per class, and the split of the final
+    accuracy into within-task prediction and task-identity inference)."""
 
     def __init__(self):
         from avalanche.core import SupervisedPlugin
@@ -139,34 +183,42 @@ class _Predictions:
 
         class Plugin(SupervisedPlugin):
             def before_eval(self, strategy, **kw):
-                outer.logits, outer.true = [], []
+                outer.logits, outer.true, outer.exp = [], [], []
 
             def after_eval_iteration(self, strategy, **kw):
                 outer.logits.append(strategy.mb_output.detach().float().cpu())
                 outer.true.append(strategy.mb_y.cpu())
+                outer.exp.append(torch.full_like(outer.true[-1], strategy.experience.current_experience))
 
         self.plugin = Plugin()
         self.logits: list[torch.Tensor] = []
         self.true: list[torch.Tensor] = []
+        self.exp: list[torch.Tensor] = []
+
+    def _last(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not self.logits:
+            raise RuntimeError("the strategy evaluated no test image")
+        return torch.cat(self.logits), torch.cat(self.true), torch.cat(self.exp)
+
+    def accuracy_by_task(self) -> dict[int, float]:
+        """{task j: top-1 accuracy (%) on its test images} of the last evaluation."""
+        logits, true, exp = self._last()
+        right = logits.argmax(1) == true
+        return {int(j): 100.0 * int(right[exp == j].sum()) / int((exp == j).sum())
+                for j in torch.unique(exp)}
 
     def per_class(self) -> tuple[dict[str, float], float]:
-        pred, true = torch.cat(self.logits).argmax(1), torch.cat(self.true)
+        logits, true, _ = self._last()
+        pred = logits.argmax(1)
         out = {str(int(c)): 100.0 * float((pred[true == c] == c).float().mean())
                for c in torch.unique(true)}
         return out, 100.0 * float((pred == true).float().mean())
 
     def decomposition(self, classes_per_task: list[list[int]]) -> dict[str, float]:
         """{"wtp", "tii"} in percent over the last evaluation (see metrics.task_decomposition)."""
-        within, task_right = task_decomposition(torch.cat(self.logits).numpy(),
-                                                torch.cat(self.true).numpy(), classes_per_task)
+        logits, true, _ = self._last()
+        within, task_right = task_decomposition(logits.numpy(), true.numpy(), classes_per_task)
         return {"wtp": 100.0 * float(within.mean()), "tii": 100.0 * float(task_right.mean())}
-
-
-def _exp_acc(res: dict[str, float], j: int) -> float:
-    key = f"Top1_Acc_Exp/eval_phase/test_stream/Exp{j:03d}"
-    if key not in res:
-        raise RuntimeError(f"evaluation returned no {key}; got {sorted(res)[:5]}...")
-    return 100.0 * float(res[key])
 
 
 def run(spec: RunSpec, options: RunOptions = RunOptions()) -> dict[str, Any]:
@@ -196,57 +248,38 @@ def run(spec: RunSpec, options: RunOptions = RunOptions()) -> dict[str, Any]:
     strategy = registry.create(
         spec.method, vit=backbone.vit, num_classes=info.num_classes, hparams=resolved["hparams"],
         device=device, eval_mb_size=options.eval_batch_size, evaluator=_evaluator(options.quiet),
-        plugins=[preds.plugin], precision=spec.precision)
-    model = strategy.model
-    cost = {
-        "trainable_params": int(sum(p.numel() for _, p in model.added_parameters())),
-        "head_params": int(sum(p.numel() for p in model.head.parameters())),
-        "passes_train": type(strategy).passes_train,
-        "passes_test": type(strategy).passes_test,
-    }
+        plugins=[preds.plugin], precision=spec.precision, num_tasks=protocol.num_tasks,
+        classes_per_task=protocol.classes_per_task)
 
     T = protocol.num_tasks
     acc: list[list[float | None]] = [[None] * T for _ in range(T)]
-    train_s = eval_s = 0.0
-    if type(strategy).trains_jointly:
-        # one model trained on every task at once, evaluated after "task i" with the same
-        # seen-classes mask as the others, so each column is an upper bound for that step
-        t0 = time.time()
-        strategy.train(list(bm.train_stream), eval_streams=[])
-        train_s = time.time() - t0
-        for i in range(T):
-            t0 = time.time()
-            strategy.seen_classes = sorted(c for chunk in info.classes_per_task[:i + 1] for c in chunk)
-            res = strategy.eval(bm.test_stream[:i + 1])
-            eval_s += time.time() - t0
-            for j in range(i + 1):
-                acc[j][i] = _exp_acc(res, j)
-    else:
-        for i, exp in enumerate(bm.train_stream):
-            t0 = time.time()
-            strategy.train(exp, eval_streams=[])
-            train_s += time.time() - t0
-            t0 = time.time()
-            res = strategy.eval(bm.test_stream[:i + 1])
-            eval_s += time.time() - t0
-            for j in range(i + 1):
-                acc[j][i] = _exp_acc(res, j)
+    for i in strategy.fit(bm.train_stream, bm.test_stream):
+        by_task = preds.accuracy_by_task()
+        for j in range(i + 1):
+            acc[j][i] = by_task[j]
 
     per_class, final_acc = preds.per_class()
     metrics = summarize(acc)
     metrics["final_acc"] = final_acc
     metrics.update(preds.decomposition(info.classes_per_task))
+    # counted after the last evaluation, on a fresh copy of the method: nothing here can touch
+    # the run's numbers (the counting builds parameters, which draws from the RNG)
+    cost = cost_row(spec.method, backbone.vit, info.num_classes, resolved["hparams"], device=device)
+    cost = {k: v for k, v in cost.items() if k != "method"}
     dev = str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
     return {
         "key": run_key(resolved), "protocol": protocol.name, "backbone": spec.backbone,
         "method": spec.method, "label": spec.display_label, "table": spec.table,
-        "position": spec.position, "precision": spec.precision,
+        "position": spec.position, "precision": spec.precision, "status": "ok",
+        "variant": variant(spec, protocol), "role": type(strategy).role,
         "seed": int(spec.seed), "spec": resolved, "metrics": metrics, "acc_matrix": acc,
         "per_class_acc": per_class, "class_order": info.class_order,
         "classes_per_task": info.classes_per_task, "cost": cost,
-        "timings": {"train_s": round(train_s, 3), "eval_s": round(eval_s, 3),
+        "timings": {"train_s": round(strategy.seconds["train"], 3),
+                    "eval_s": round(strategy.seconds["eval"], 3),
                     "total_s": round(time.time() - start, 3)},
         "versions": versions(), "backbone_sha256": backbone.sha256, "backbone_source": backbone.source,
         "device": dev, "data_hash": info.data_hash, "eval_batch_size": options.eval_batch_size,
-        "argv": sys.argv[1:], "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "threads": torch.get_num_threads(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

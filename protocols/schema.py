@@ -21,13 +21,18 @@ from typing import Any
 
 import yaml
 
+from benchmarks import DATASET_FACTS, classes_per_exp
+from benchmarks.streams import CLASS_ORDERS
+from benchmarks.transforms import AUGMENTS, EVAL_RESIZES
+
 PROTOCOL_DIR = Path(__file__).resolve().parent
 
+# the allowed values are the data package's own constants: one list, validated here once
 _CHOICES = {
-    "dataset": ("fashion_mnist", "cifar100", "imagenet_r", "cub200"),
-    "class_order": ("shuffled", "natural"),
-    "augment": ("none", "rrc_flip"),
-    "eval_resize": ("resize", "resize_crop"),
+    "dataset": tuple(DATASET_FACTS),
+    "class_order": CLASS_ORDERS,
+    "augment": AUGMENTS,
+    "eval_resize": EVAL_RESIZES,
     "normalize": ("none", "backbone"),
 }
 _TYPES: dict[str, tuple[type, ...]] = {
@@ -66,6 +71,20 @@ class Protocol:
     ablations: dict[str, Ablation] = field(default_factory=dict)
     path: str = ""
 
+    @property
+    def num_classes(self) -> int:
+        return DATASET_FACTS[self.dataset].num_classes
+
+    @property
+    def classes_per_task(self) -> list[int]:
+        """Class counts per task (the stream's facts, known before any data is read)."""
+        return classes_per_exp(self.num_classes, self.num_tasks)
+
+    @property
+    def shipped(self) -> bool:
+        """Whether this is the suite's own protocol file of that name (not a user's copy)."""
+        return Path(self.path).resolve() == (PROTOCOL_DIR / f"{self.name}.yaml").resolve()
+
     def data_spec(self) -> dict[str, Any]:
         """The part of the protocol that defines the data and its stream (goes in the run key)."""
         return {k: getattr(self, k) for k in (
@@ -98,8 +117,10 @@ def validate(raw: Any, where: str) -> Protocol:
             _fail(where, f"{key} must be {names}, got {type(value).__name__} {value!r}")
         if key in _CHOICES and value not in _CHOICES[key]:
             _fail(where, f"{key} must be one of {', '.join(_CHOICES[key])}, got {value!r}")
-    if raw["num_tasks"] < 1:
-        _fail(where, f"num_tasks must be >= 1, got {raw['num_tasks']}")
+    n_classes = DATASET_FACTS[raw["dataset"]].num_classes
+    if not 1 <= raw["num_tasks"] <= n_classes:
+        _fail(where, f"num_tasks must be in 1..{n_classes} ({raw['dataset']} has {n_classes} "
+                     f"classes), got {raw['num_tasks']}")
     sub = raw.get("subsample")
     if sub is not None:
         bad = sorted(set(sub) - {"train_per_class", "test_per_class"})

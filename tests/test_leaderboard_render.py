@@ -8,7 +8,7 @@ from leaderboard.render import MARKER, render
 from test_leaderboard_stats import SHIFTS, recs_for
 from test_leaderboard_store import make_record
 
-GEN = "2025-06-01T12:00:00+00:00"
+NEWEST = "2025-01-01"  # make_record's created dates: a page is dated by its newest record
 
 
 def parse_tables(md: str) -> list[list[dict]]:
@@ -44,7 +44,7 @@ def records():
 
 
 def test_render_pages_numbers_and_index(tmp_path, records):
-    written = render(records, tmp_path, generated=GEN)
+    written = render(records, tmp_path)
     names = {p.relative_to(tmp_path).as_posix() for p in written}
     assert {"README.md", "fmnist-5t__tiny.md", "cifar100-10t__tiny.md", "fmnist-5t__tiny__ablation-prior.md",
             "figures/fmnist-5t__tiny_faa.png", "figures/cifar100-10t__tiny_faa.png", "figures/cd_faa.png"} <= names
@@ -89,7 +89,7 @@ def test_render_pages_numbers_and_index(tmp_path, records):
     assert pm(cifar[0]["FAA"])[0] == pytest.approx(round(84.0 + np.mean(SHIFTS["smope"]), 2))
 
     readme = (tmp_path / "README.md").read_text()
-    assert GEN in readme and f"from {len(records)} runs" in readme
+    assert f"newest record {NEWEST}" in readme and f"{len(records)} runs over" in readme
     for name in names - {"README.md"}:
         assert f"]({name})" in readme, name  # every page and figure is indexed
     assert "Friedman test" in readme and "CD =" in readme
@@ -99,7 +99,7 @@ def test_cost_columns_only_when_present(tmp_path):
     recs = [make_record(method=m, seed=s, shift=d + s, cost=False) for m, d in (("a", 0), ("b", 1)) for s in (0, 1)]
     for r in recs:
         del r["timings"]
-    render(recs, tmp_path, figures=False, generated=GEN)
+    render(recs, tmp_path, figures=False)
     md = (tmp_path / "fmnist-5t__tiny.md").read_text()
     main = parse_tables(md)[0]
     assert set(main[0]) == {"method", "FAA", "CAA", "FFM", "seeds (n)"}
@@ -112,7 +112,7 @@ def test_task_split_columns_when_present(tmp_path):
     for r in recs:
         r["metrics"] = {**r["metrics"], "wtp": 96.0 + r["seed"], "tii": 80.0 - 2 * r["seed"]}
     recs.append(make_record(method="old", seed=0))  # stored before the split existed: blank cells
-    render(recs, tmp_path, figures=False, generated=GEN)
+    render(recs, tmp_path, figures=False)
     md = (tmp_path / "fmnist-5t__tiny.md").read_text()
     rows = {r["method"]: r for r in parse_tables(md)[0]}
     assert rows["a"]["WTP"] == "96.50 ± 0.71" and rows["b"]["TII"] == "79.00 ± 1.41"
@@ -121,21 +121,22 @@ def test_task_split_columns_when_present(tmp_path):
 
 def test_no_paired_test_with_one_seed(tmp_path):
     recs = [make_record(method="a", seed=0), make_record(method="b", seed=0, shift=1.0)]
-    render(recs, tmp_path, figures=False, generated=GEN)
+    render(recs, tmp_path, figures=False)
     md = (tmp_path / "fmnist-5t__tiny.md").read_text()
     assert "No paired comparison" in md
-    assert [r["FAA"] for r in parse_tables(md)[0]] == ["81.00 ± 0.00", "80.00 ± 0.00"]
+    # one seed has no spread: n/a, not a made-up 0.00 (issue 9)
+    assert [r["FAA"] for r in parse_tables(md)[0]] == ["81.00 ± n/a", "80.00 ± n/a"]
 
 
 def test_empty_store_and_stale_pages(tmp_path, records):
     (tmp_path / "notes.md").write_text("# hand-written\n")
     (tmp_path / "store.py").write_text("x = 1\n")
-    render(records, tmp_path, generated=GEN)
+    render(records, tmp_path)
     assert (tmp_path / "fmnist-5t__tiny.md").exists()
-    written = render([], tmp_path, generated=GEN)
+    written = render([], tmp_path)
     assert written == [tmp_path / "README.md"]
     readme = (tmp_path / "README.md").read_text()
-    assert "No runs yet" in readme and GEN in readme
+    assert "No runs yet" in readme
     assert not (tmp_path / "fmnist-5t__tiny.md").exists()  # generated pages without runs are removed
     assert not list((tmp_path / "figures").glob("*.png"))
     assert (tmp_path / "notes.md").exists() and (tmp_path / "store.py").exists()  # others' files untouched
@@ -146,12 +147,12 @@ def test_render_accepts_store_records(tmp_path, records):
 
     store = RunStore(tmp_path / "s.sqlite")
     store.put_many(records)
-    render(store.records(), tmp_path / "lb", figures=False, generated=GEN)
+    render(store.records(), tmp_path / "lb", figures=False)
     a = parse_tables((tmp_path / "lb" / "fmnist-5t__tiny.md").read_text())[0]
-    render(records, tmp_path / "lb2", figures=False, generated=GEN)
+    render(records, tmp_path / "lb2", figures=False)
     b = parse_tables((tmp_path / "lb2" / "fmnist-5t__tiny.md").read_text())[0]
     assert a == b
-    assert f"from {len(records)} runs" in (tmp_path / "lb" / "README.md").read_text()
+    assert f"{len(records)} runs over" in (tmp_path / "lb" / "README.md").read_text()
 
 
 def test_ablation_ladder_keeps_its_order_and_compares_with_the_full_model(tmp_path):

@@ -156,9 +156,9 @@ def test_export_csv(tmp_path):
     out = tmp_path / "csv" / "runs.csv"
     df = export_csv(recs, out)
     back = pd.read_csv(out)
-    assert list(back.columns) == ["protocol", "backbone", "method", "label", "table", "seed", "key", "faa", "caa",
-                                  "ffm", "bwt", "final_acc", "wtp", "tii", "train_s", "eval_s", "total_s",
-                                  "trainable_params"]
+    assert list(back.columns) == ["protocol", "backbone", "method", "label", "table", "seed", "key", "config",
+                                  "variant", "published", "faa", "caa", "ffm", "bwt", "final_acc", "wtp", "tii",
+                                  "train_s", "eval_s", "total_s", "trainable_params", "gflops_test"]
     assert len(back) == 2 and len(df) == 2
     row = back.iloc[0]
     assert row["method"] == "smope" and row["seed"] == 0 and row["table"] == "main"
@@ -167,3 +167,20 @@ def test_export_csv(tmp_path):
     assert row["train_s"] == 10.0 and row["total_s"] == 12.0 and row["trainable_params"] == 230400
     assert back.iloc[1]["faa"] == pytest.approx(75.0)
     assert pd.isna(back.iloc[1]["trainable_params"])  # no cost in the record: left empty, not guessed
+
+
+def test_export_refuses_to_destroy(tmp_path):
+    """--export never overwrites the store or any existing non-CSV file (issue 11)."""
+    from leaderboard.store import OutputError
+
+    store = RunStore(tmp_path / "runs.sqlite")
+    store.put(make_record())
+    before = (tmp_path / "runs.sqlite").read_bytes()
+    for bad in (tmp_path / "runs.sqlite", tmp_path / "notes.txt", tmp_path, tmp_path / "out.json"):
+        if bad.name == "notes.txt":
+            bad.write_text("keep me")
+        with pytest.raises(OutputError):
+            export_csv(store.records(), bad, protect=[tmp_path / "runs.sqlite"])
+    assert (tmp_path / "runs.sqlite").read_bytes() == before and len(RunStore(tmp_path / "runs.sqlite")) == 1
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+    export_csv(store.records(), tmp_path / "ok.csv", protect=[tmp_path / "runs.sqlite"])

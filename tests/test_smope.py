@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from methods import backbones, registry
-from methods.smope import ABLATION, SMoPE, SMoPEHparams
+from methods.smope import SMoPE, SMoPEHparams
 
 warnings.filterwarnings("ignore", message="No loggers specified")
 torch.set_num_threads(1)
@@ -299,6 +299,7 @@ def test_schedule_counts_flags_alignment_and_batch_size_invariant_evaluation():
 
 
 def test_ablation_ladder_is_cumulative_and_valid():
+    ABLATION = SMoPE.ABLATION
     labels = [label for label, _ in ABLATION]
     assert labels[0] == "one prompt" and labels[-1].startswith("+ prototype loss")
     assert len(labels) == 8 and ABLATION[-1][1] == {}

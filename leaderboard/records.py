@@ -1,0 +1,255 @@
+"""Published run records: the suite's results, kept in the repository as text.
+
+Why JSON lines in `leaderboard/records/`: the local SQLite store is scratch space (per machine,
+never committed); the published records are the results. One file per protocol x backbone, one
+record per line, sorted, keys sorted: a new run is one added line, which diffs and merges like
+code. Nothing here runs anything; the pages are rendered from these records (plus a local store's
+runs that are not published yet), and a sweep compares the runs it shares with them.
+
+Publishing only adds: a record whose key is already published with the same numbers is skipped,
+one with other numbers is an error naming both (a run is a pure function of its spec, so two
+results for one key mean a code, data or machine difference that a person must look at).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .store import RecordError, validate_record
+
+__all__ = ["RECORDS_DIR", "RecordConflict", "PublishResult", "Reproduction", "config_id",
+           "load_published", "merge", "publish", "reproduction", "same_result", "variant_text", "dumps"]
+
+RECORDS_DIR = Path(__file__).resolve().parent / "records"
+#: accuracies are ratios of image counts: two runs agree when every entry agrees to this
+_TOL = 1e-9
+
+
+class RecordConflict(ValueError):
+    """An incoming record has a published key but different numbers; nothing was written."""
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(s)).strip("-") or "x"
+
+
+def config_id(record: Mapping[str, Any]) -> str:
+    """The id of a record's configuration: its resolved spec without the seed. Runs of one
+    configuration over seeds form one table row; a row is never a name alone."""
+    spec = {k: v for k, v in (record.get("spec") or {}).items() if k != "seed"}
+    # a resolved spec holds its label and table already; records written by hand may not
+    spec.setdefault("label", record.get("label"))
+    spec.setdefault("table", record.get("table", "main"))
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def variant_text(variant: Mapping[str, Any] | None, protocol: bool = False) -> str:
+    """`top_k=3, lr=0.01` for the hyperparameter part of a variant, or, with `protocol=True`,
+    `subsample.train_per_class=20` for its protocol part; "" when that part is the default."""
+    items = []
+    for k, v in sorted((variant or {}).items()):
+        if k.startswith("protocol.") == protocol:
+            items.append(f"{k.removeprefix('protocol.')}={_short(v)}")
+    return ", ".join(items)
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(_short(x) for x in v) + "]"
+    return str(v)
+
+
+def dumps(record: Mapping[str, Any]) -> str:
+    """One record as one line of canonical JSON (sorted keys: the same record, the same bytes)."""
+    return json.dumps(record, sort_keys=True, ensure_ascii=False, allow_nan=False)
+
+
+def _sort_key(record: Mapping[str, Any]) -> tuple:
+    return (record["table"], record.get("position", 0), record["label"], config_id(record),
+            int(record["seed"]), record["key"])
+
+
+def _file_for(record: Mapping[str, Any], directory: Path) -> Path:
+    return directory / f"{_slug(record['protocol'])}__{_slug(record['backbone'])}.jsonl"
+
+
+def load_published(directory: str | Path = RECORDS_DIR) -> list[dict[str, Any]]:
+    """Every published record (validated; a bad line is an error naming the file and line)."""
+    directory = Path(directory)
+    out: list[dict[str, Any]] = []
+    seen: dict[str, str] = {}
+    for path in sorted(directory.glob("*.jsonl")):
+        with path.open(encoding="utf-8") as fh:
+            for n, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{n}"
+                try:
+                    record = json.loads(line)
+                    validate_record(record)
+                except (json.JSONDecodeError, RecordError) as e:
+                    raise RecordError(f"{where}: not a valid published record: {e}") from None
+                if record["key"] in seen:
+                    raise RecordError(f"{where}: key {record['key'][:12]} is already published at "
+                                      f"{seen[record['key']]}")
+                seen[record["key"]] = where
+                out.append(record)
+    return out
+
+
+def merge(published: Iterable[Mapping[str, Any]], local: Iterable[Mapping[str, Any]]
+          ) -> list[dict[str, Any]]:
+    """What the pages show: every published record (marked `_published`), plus the local runs
+    whose key is not published (complete ones only). A published record always wins over a local
+    run of the same key, so a local run can add rows but never change a published number."""
+    out = [{**r, "_published": True} for r in published]
+    keys = {r["key"] for r in out}
+    out += [dict(r) for r in local if r["key"] not in keys and r.get("status", "ok") == "ok"]
+    return out
+
+
+def same_result(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Whether two records of one key hold the same result: every accuracy matrix entry and
+    every metric both have agree (to float noise)."""
+    ma, mb = a.get("acc_matrix") or [], b.get("acc_matrix") or []
+    if len(ma) != len(mb):
+        return False
+    for ra, rb in zip(ma, mb):
+        for x, y in zip(ra, rb):
+            if (x is None) != (y is None) or (x is not None and abs(x - y) > _TOL):
+                return False
+    ka, kb = a.get("metrics") or {}, b.get("metrics") or {}
+    return all(abs(ka[m] - kb[m]) <= 1e-6 for m in set(ka) & set(kb)
+               if isinstance(ka[m], (int, float)) and isinstance(kb[m], (int, float)))
+
+
+def _describe(record: Mapping[str, Any], where: str) -> str:
+    m = record.get("metrics") or {}
+    return (f"{where}: FAA {m.get('faa', float('nan')):.2f}, created {record.get('created')}, "
+            f"device {record.get('device')}, code {(record.get('versions') or {}).get('promptcl')}")
+
+
+@dataclass
+class PublishResult:
+    added: list[dict[str, Any]] = field(default_factory=list)
+    already: int = 0  # same key, same numbers: nothing to do
+    not_ok: int = 0  # failed runs are never published
+    files: list[Path] = field(default_factory=list)
+
+
+def publish(records: Iterable[Mapping[str, Any]], directory: str | Path = RECORDS_DIR,
+            source: str = "the store") -> PublishResult:
+    """Add complete runs to the published records; all or nothing.
+
+    A run whose key is published with the same numbers is skipped; with other numbers it raises
+    `RecordConflict` naming both, before anything is written."""
+    directory = Path(directory)
+    published = {r["key"]: r for r in load_published(directory)}
+    result = PublishResult()
+    incoming: dict[str, dict[str, Any]] = {}
+    conflicts = []
+    for rec in records:
+        if rec.get("status", "ok") != "ok":
+            result.not_ok += 1
+            continue
+        validate_record(rec)
+        rec = dict(rec)
+        old = published.get(rec["key"]) or incoming.get(rec["key"])
+        if old is not None:
+            if same_result(old, rec):
+                result.already += 1
+                continue
+            conflicts.append(f"run {rec['key'][:12]} ({rec['protocol']} · {rec['backbone']} · "
+                             f"{rec['label']} · seed {rec['seed']}):\n  published  "
+                             + _describe(old, str(_file_for(old, directory)))
+                             + "\n  incoming   " + _describe(rec, source))
+            continue
+        incoming[rec["key"]] = rec
+    if conflicts:
+        raise RecordConflict(f"{len(conflicts)} run(s) conflict with published records; nothing was "
+                             "published. A published record is never replaced: find out why the "
+                             "numbers differ.\n" + "\n".join(conflicts))
+    by_file: dict[Path, list[dict[str, Any]]] = {}
+    for rec in incoming.values():
+        by_file.setdefault(_file_for(rec, directory), []).append(rec)
+    directory.mkdir(parents=True, exist_ok=True)
+    for path, new in sorted(by_file.items()):
+        old = [r for r in published.values() if _file_for(r, directory) == path]
+        _write_atomic(path, "".join(dumps(r) + "\n" for r in sorted(old + new, key=_sort_key)))
+        result.files.append(path)
+    result.added = sorted(incoming.values(), key=_sort_key)
+    return result
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+@dataclass
+class Reproduction:
+    """How a sweep's runs compare with the published records of the same keys."""
+
+    compared: int = 0
+    differing: list[tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=list)
+    max_dfaa: float = 0.0
+    # default-configuration runs with no published key while the same row and seed is published:
+    # the default configuration changed since publishing
+    changed_config: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def same(self) -> int:
+        return self.compared - len(self.differing)
+
+    def lines(self) -> list[str]:
+        out = [f"reproduced {self.same}/{self.compared} published runs (max |dFAA| {self.max_dfaa:.2f})"]
+        for pub, loc in self.differing:
+            out.append(f"  differs: {pub['protocol']} · {pub['backbone']} · {pub['label']} · seed "
+                       f"{pub['seed']} (key {pub['key'][:12]}): FAA published "
+                       f"{pub['metrics']['faa']:.2f}, here {loc['metrics']['faa']:.2f}")
+        if self.changed_config:
+            names = sorted({f"{r['protocol']} · {r['backbone']} · {r['label']}" for r in self.changed_config})
+            out.append(f"  {len(self.changed_config)} run(s) of a published default row have a new "
+                       f"configuration (not compared, not published): {', '.join(names)}")
+        return out
+
+
+def reproduction(local: Iterable[Mapping[str, Any]], published: Iterable[Mapping[str, Any]]
+                 ) -> Reproduction:
+    """Compare `local` runs (a sweep's, status ok) with the published records of the same key."""
+    pub = {r["key"]: r for r in published}
+    rows = {(r["protocol"], r["backbone"], r["table"], r["label"], r["seed"])
+            for r in pub.values() if not r.get("variant")}
+    rep = Reproduction()
+    for rec in local:
+        if rec.get("status", "ok") != "ok":
+            continue
+        old = pub.get(rec["key"])
+        if old is None:
+            if not rec.get("variant") and (rec["protocol"], rec["backbone"], rec["table"],
+                                           rec["label"], rec["seed"]) in rows:
+                rep.changed_config.append(dict(rec))
+            continue
+        rep.compared += 1
+        d = abs(float(old["metrics"]["faa"]) - float(rec["metrics"]["faa"]))
+        rep.max_dfaa = max(rep.max_dfaa, d if math.isfinite(d) else math.inf)
+        if not same_result(old, rec):
+            rep.differing.append((dict(old), dict(rec)))
+    return rep

@@ -1,0 +1,23 @@
+"""The errors a user can fix: bad inputs, missing or corrupt data, unusable weights or plugins.
+
+The CLI turns exactly these into one `error:` line and exit code 2; anything else is a bug in the
+suite and keeps its traceback (so nothing is swallowed). Each module raises its own precise type;
+this tuple is the one place that says which of them are the user's to fix.
+"""
+from __future__ import annotations
+
+from benchmarks import DataNotFoundError
+from methods.backbones import BackboneError
+from methods.registry import HparamError, PluginError, UnknownMethodError
+
+from .schema import ProtocolError
+
+
+class SweepError(ValueError):
+    """A sweep request that cannot be planned (seeds, names, missing defaults, ...)."""
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    DataNotFoundError, BackboneError, HparamError, PluginError, UnknownMethodError, ProtocolError,
+    SweepError,
+)

@@ -1,0 +1,127 @@
+"""A sweep: protocols x backbones x (methods | ablation rungs) x seeds -> run specs -> records.
+
+`plan` turns a `SweepRequest` into `RunSpec`s (checking every name, seed count and that each
+method has hyperparameters for each protocol before anything runs); `execute_pending` runs the
+specs a store does not hold yet on an executor and hands each record to the store as it arrives.
+The store is passed in (anything with `has(key)` and `put(record)`): this package never imports
+the leaderboard, which is built from records alone.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol as TypingProtocol
+
+from methods import backbones, registry
+
+from .errors import SweepError
+from .executors import execute
+from .runner import RunOptions, RunSpec, spec_key
+from .schema import available, load_protocol
+
+
+class Store(TypingProtocol):
+    def has(self, key: str) -> bool: ...
+    def put(self, record: dict[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True)
+class SweepRequest:
+    """What a user asks for (the CLI's flags, parsed)."""
+    protocols: Sequence[str] = ("fmnist-5t",)  # names or YAML paths; ("all",) = every shipped one
+    backbones: str | Sequence[str] = "default"  # "default" (each protocol's first), "all", or names
+    methods: Sequence[str] = ("all",)  # ("all",), () for none, or names
+    ablations: Sequence[str] = ()  # ablation names of the protocols, or ("all",)
+    seeds: int = 5
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> {hparam: value}
+    precision: str = "fp32"
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, dict[str, str]]:
+    """`["smope.top_k=3", ...]` -> {"smope": {"top_k": "3"}} (values are coerced per hparam)."""
+    out: dict[str, dict[str, str]] = {}
+    for item in items:
+        lhs, eq, value = item.partition("=")
+        method, dot, key = lhs.partition(".")
+        if not (eq and dot and method and key):
+            raise SweepError(f"--set expects METHOD.KEY=VALUE, got {item!r}")
+        out.setdefault(method, {})[key] = value
+    return out
+
+
+def _backbones_for(proto, choice: str | Sequence[str]) -> list[str]:
+    if choice == "default":
+        bbs = list(proto.backbones[:1]) or ["tiny"]
+    elif choice == "all":
+        bbs = list(proto.backbones) or ["tiny"]
+    else:
+        bbs = list(choice)
+    known = backbones.names()
+    for bb in bbs:
+        if bb not in known:
+            raise SweepError(f"unknown backbone {bb!r}; valid: {', '.join(known)}")
+    return bbs
+
+
+def plan(req: SweepRequest) -> list[RunSpec]:
+    """The RunSpecs of a request, in order (protocol, backbone, main methods then ablation rungs,
+    seed). Raises SweepError / UnknownMethodError / ProtocolError before anything runs."""
+    if isinstance(req.seeds, bool) or not isinstance(req.seeds, int) or req.seeds < 1:
+        raise SweepError(f"--seeds must be a positive number of seeds (runs use seeds 0..N-1), "
+                         f"got {req.seeds!r}")
+    if req.precision not in ("fp32", "bf16"):
+        raise SweepError(f"precision must be fp32 or bf16, got {req.precision!r}")
+    protocols = available() if list(req.protocols) == ["all"] else list(req.protocols)
+    if not protocols:
+        raise SweepError("no protocol given")
+    methods = registry.names() if list(req.methods) == ["all"] else list(req.methods)
+    for m in methods + list(req.overrides):
+        registry.get(m)  # unknown names fail here, with the list of valid ones
+    specs: list[RunSpec] = []
+    for pname in protocols:
+        proto = load_protocol(pname)
+        # a YAML path stays a (resolved) path, so workers elsewhere can read it
+        where = str(Path(pname).resolve()) if Path(pname).suffix else proto.name
+        runs: list[tuple[str, str, str, int, dict]] = [(m, "", "main", 0, {}) for m in methods]
+        names = list(proto.ablations) if list(req.ablations) == ["all"] else list(req.ablations)
+        for ab_name in names:
+            if ab_name not in proto.ablations:
+                raise SweepError(f"protocol {proto.name} has no ablation {ab_name!r}; "
+                                 f"it has: {', '.join(proto.ablations) or 'none'}")
+            ab = proto.ablations[ab_name]
+            variants = registry.ablation(ab.method) if ab.variants == "ladder" else list(ab.variants.items())
+            runs += [(ab.method, label, f"ablation:{ab_name}", pos, dict(rung))
+                     for pos, (label, rung) in enumerate(variants)]
+        for method in sorted({r[0] for r in runs}):
+            if not registry.has_defaults(method, proto.name) and method not in proto.methods:
+                cls = registry.get(method)
+                have = ", ".join(sorted(cls.DEFAULTS)) or "none"
+                raise SweepError(
+                    f"method {method!r} has no hyperparameters for protocol {proto.name!r} (it has "
+                    f"defaults for: {have}); add `methods: {{{method}: {{...}}}}` to the protocol "
+                    f"YAML, or give the method generic defaults (DEFAULTS['*'])")
+        if not runs:
+            raise SweepError(f"nothing to run on {proto.name}: no method and no ablation selected")
+        for bb in _backbones_for(proto, req.backbones):
+            for method, label, table, position, rung in runs:
+                for seed in range(req.seeds):
+                    specs.append(RunSpec(where, bb, method, seed, dict(req.overrides.get(method, {})),
+                                         label, table, position, req.precision, rung))
+    return specs
+
+
+def keyed(specs: Sequence[RunSpec]) -> list[tuple[RunSpec, str]]:
+    """Each spec with its run key (the hash of its resolved spec)."""
+    return [(s, spec_key(s)) for s in specs]
+
+
+def execute_pending(todo: Sequence[RunSpec], store: Store, options: RunOptions, *,
+                    executor: str = "local", argv: Sequence[str] = (), **executor_kw
+                    ) -> Iterator[tuple[RunSpec, dict[str, Any]]]:
+    """Run `todo` on `executor`, stamp each record with the user's command line (`argv`: the
+    driver's, never a worker's), store it as soon as it arrives, and yield it."""
+    for spec, record in execute(executor, list(todo), options, **executor_kw):
+        record["argv"] = list(argv)
+        store.put(record)
+        yield spec, record
