@@ -320,8 +320,8 @@ class SMoPE(PromptStrategy):
       K/N_p = 1/5, on a 50-token sequence); alpha_router = alpha_proto = 1.5e-4, which keeps the
       CIFAR setting's effective loss weight (#layers * #heads * K * alpha ~ 3.6e-3); 2 epochs at
       batch 32 (task 0: 1 dense warm-up epoch first); alignment for 10 epochs at lr 1e-3 -> 1e-5,
-      since 1e-5 over a few dozen steps leaves the head where it was (measured at lr 0.01, seeds
-      0 and 1, random head init: FAA 64.0 and 68.8 with 1e-5, 76.5 and 76.7 with 1e-3).
+      since 1e-5 over a few dozen steps leaves the head where it was (1e-3 against 1e-5 on seeds
+      0-1; docs/tuning.md).
     """
 
     description = ("sparse mixture of prompt experts: one shared prefix prompt, per-head top-K "
@@ -452,11 +452,3 @@ def _ladder() -> list[tuple[str, dict]]:
 # The paper's cumulative ablation (CUB-200): (label, hparam overrides), from plain one-prompt
 # prefix tuning (per-token scores, every expert, no extra stage) to the full method.
 ABLATION: list[tuple[str, dict]] = _ladder()
-# What the paper reports for those rungs on CUB-200 (FAA, CAA); secondary source, spec §6.5.
-ABLATION_PUBLISHED: dict[str, tuple[float, float]] = {
-    "one prompt": (75.23, 83.61), "+ score aggregation": (75.49, 83.65),
-    "+ sparse expert selection": (79.12, 87.16), "+ adaptive noise": (85.36, 89.12),
-    "+ task-adaptive prediction": (86.03, 90.09), "+ initial dense training": (86.27, 90.23),
-    "+ router loss": (87.05, 90.47), "+ prototype loss (SMoPE)": (87.43, 91.11)}
-# The paper's noise-strength sweep (spec §2; values of the secondary notes, no numbers).
-NOISE_SWEEP: list[tuple[str, dict]] = [(f"eps={e:g}", {"eps": e}) for e in (0.0, 0.5, 1.0)]
