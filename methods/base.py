@@ -66,8 +66,8 @@ class PromptModel(nn.Module):
     classes), so the sum of those rows never moves from its initial value (exactly, under Adam too
     for two-class tasks). A random init (PyTorch's default, the CODA / VQ / SMoPE code) therefore
     leaves each task a random logit offset that no training corrects and that decides cross-task
-    comparisons; from zero there is none. fmnist-5t, 5 seeds: head_only 68.9 -> 75.2 FAA, CODA
-    68.5 -> 74.8, DualPrompt 67.6 -> 73.2; HiDe, VQ and SMoPE re-fit their heads and move < 0.5.
+    comparisons; from zero there is none. Methods that re-fit the head from class statistics
+    (HiDe, VQ, SMoPE) are barely affected; the measured effect is in docs/tuning.md.
     One consequence: at the first step of a task nothing behind the head gets gradient (W = 0).
     """
 
@@ -269,7 +269,7 @@ class PromptStrategy(SupervisedTemplate):
         """bf16 autocast of the minibatch forward only (opt-in, for GPUs). Statistics, alignment,
         counting and every other per-task stage stay fp32, as do parameters and optimizer state:
         a blanket autocast over whole tasks, tried on an H100, ruined the Gaussian class
-        statistics (SMoPE seed 0 FAA 78.8 -> 50.7). Off (fp32) by default."""
+        statistics (the run is in docs/tuning.md). Off (fp32) by default."""
         return torch.autocast(device_type=torch.device(self.device).type, dtype=torch.bfloat16,
                               enabled=self.precision == "bf16")
 

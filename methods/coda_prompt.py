@@ -153,10 +153,7 @@ class CodaPrompt(PromptStrategy):
       prompt_lr_mult 0.5 (prompts at 0.0025). The multiplier was chosen on seeds 0-1 among
       0.1 / 0.2 / 0.5 / 1.0; lr and epochs by the rule shared with head_only, L2P and DualPrompt
       (best FAA on seeds 0-1 among lr {0.005, 0.01, 0.02} x epochs {2, 3}, zero-init head; ties
-      go to fewer epochs). FAA 75.9 +- 1.3 over seeds 0-4, level with head_only (75.8; above it
-      on 3 of 5 seeds by 0.3-0.7 points, below on 2): with the task given, accuracy is ~97%, and
-      nearly every error is a cross-task confusion of the shared head, which the prompts do not
-      touch; each new slice also shifts every image's features a little (alpha is never 0).
+      go to fewer epochs). Results and the diagnosis: docs/tuning.md.
     """
 
     description = "CODA-Prompt: attention-weighted prefix components (layers 0-4), new slice per task"

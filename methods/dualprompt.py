@@ -117,14 +117,7 @@ class DualPrompt(PromptStrategy):
       2 epochs, batch 32, lr 0.005: the best FAA on seeds 0-1 among lr {0.005, 0.01, 0.02} x
       epochs {2, 3} (zero-init head), the rule shared with head_only, L2P and CODA-Prompt; earlier
       also kept against lr 0.003, prompt_lr_mult 0.1-5 and prompt_init flax, all worse on seeds
-      0-1. FAA 73.2 +- 0.8 over seeds 0-4, below head_only (75.8) on every seed. Diagnosis
-      (seed 0): within-task accuracy is 97.4% and the errors are cross-task confusions of the
-      shared head. The E-prompt choice does not matter: the key match finds the true task for
-      25% of images, and giving every image its true task's E-prompt changes FAA from 73.5 to
-      73.6; with `prompt_init="flax"` the keys find the true task for 81% of images and FAA is
-      72.5. What costs DualPrompt against head_only is that the G-prompt and the E-prompt carried
-      over from task to task move every image's [CLS] (forgetting 16.0 vs 12.9), while the
-      head's cross-task bias is the same.
+      0-1. Results and the diagnosis: docs/tuning.md.
     """
 
     description = "DualPrompt: G-prefix (layers 0-1) + per-task E-prefix pool (2-4), top-1 key at test"

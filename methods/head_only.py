@@ -4,7 +4,8 @@ that separates a prompt method from this row is what its prompts (and stages) ad
 
 fmnist-5t budget: 3 epochs, batch 32, lr 0.005, picked by the rule used for L2P, DualPrompt and
 CODA-Prompt: the best FAA on seeds 0-1 among lr {0.005, 0.01, 0.02} x epochs {2, 3} (zero-init
-head). A lower bound tuned like the methods it bounds, so that beating it means something."""
+head). A lower bound tuned like the methods it bounds, so that beating it means something.
+Results: docs/tuning.md."""
 from __future__ import annotations
 
 from .base import PromptStrategy

@@ -96,7 +96,7 @@ class L2P(PromptStrategy):
       lambda * mean_b sum cos. Same gradients, but the loss stays non-negative.
     - lambda = 0.1 (official code, first JAX release and l2p-pytorch); the paper text says 0.5
       ("not sensitive"): the keys get gradient from this term alone, so under Adam lambda only
-      matters through gradient clipping (fmnist-5t gave identical runs at 0.1 and 0.5).
+      matters through gradient clipping (checked on fmnist-5t, docs/tuning.md).
     - Learning rate: the paper's 0.03 at batch 128 with the official JAX rule lr * batch / 256,
       i.e. 0.015 (l2p-pytorch scales by the per-GPU batch instead, 0.001875).
     - ImageNet-R and CUB are not in the L2P paper: the prompt settings stay the CIFAR ones and the
@@ -108,11 +108,7 @@ class L2P(PromptStrategy):
       49 patches), batch 32, prompt_lr_mult 0.2 (chosen on seeds 0-1 among 0.1-5, with top_k 1
       and prompt_init flax also tried); 3 epochs at lr 0.01: the best FAA on seeds 0-1 among lr
       {0.005, 0.01, 0.02} x epochs {2, 3} (zero-init head), the rule shared with head_only,
-      DualPrompt and CODA-Prompt. FAA 54.9 +- 6.9 over seeds 0-4, far below head_only (75.8) on
-      every seed. Within-task accuracy stays ~95% (seed 2); the loss is cross-task and forgetting
-      (21.7): in ~40 Adam steps per task the U[-1, 1] keys move at most ~lr per step, so
-      selection stays near random across tasks, every task retrains the same shared prompts, and
-      the prompt-token outputs the head reads (not a pretrained feature of this backbone) drift.
+      DualPrompt and CODA-Prompt. Results and the diagnosis: docs/tuning.md.
     """
 
     description = "L2P: input prompt pool, per-sample top-N key-query selection, key pull loss"

@@ -332,8 +332,8 @@ class SMoPE(PromptStrategy):
       K/N_p = 1/5, on a 50-token sequence); alpha_router = alpha_proto = 1.5e-4, which keeps the
       CIFAR setting's effective loss weight (#layers * #heads * K * alpha ~ 3.6e-3); 2 epochs at
       batch 32 (task 0: 1 dense warm-up epoch first); alignment for 10 epochs at lr 1e-3 -> 1e-5,
-      since 1e-5 over a few dozen steps leaves the head where it was (measured at lr 0.01, seeds
-      0 and 1, random head init: FAA 64.0 and 68.8 with 1e-5, 76.5 and 76.7 with 1e-3).
+      since 1e-5 over a few dozen steps leaves the head where it was (1e-3 against 1e-5 on seeds
+      0-1; docs/tuning.md).
     """
 
     description = ("sparse mixture of prompt experts: one shared prefix prompt, per-head top-K "
@@ -450,4 +450,3 @@ class SMoPE(PromptStrategy):
         align_classifier(self.model.head, self.stats, list(self.seen_classes), cfg,
                          generator=self.generator, device=self.device)
         self.model.eval()
-
