@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.font_manager import FontProperties
 from matplotlib.ticker import FixedLocator, NullFormatter
 
 from .stats import HIGHER_IS_BETTER
@@ -35,7 +36,7 @@ __all__ = ["Drawn", "FIGURE_VERSION", "SeenCurve", "seen_class_accuracy", "seen_
            "accuracy_curves", "tradeoff", "critical_difference", "faa_bar", "cd_diagram"]
 
 #: Part of every figure's input hash: bump it whenever any drawing changes.
-FIGURE_VERSION = "2"
+FIGURE_VERSION = "1"
 _DPI = 120
 _SOFTWARE = f"promptcl leaderboard figures {FIGURE_VERSION}"
 
@@ -259,14 +260,18 @@ def _draw_curves(stats: dict[str, SeenCurve], title: str) -> Figure:
     fig = Figure(figsize=(7.2, 4.2))
     ax = fig.add_subplot()
     markers = "osD^vP*Xh<>p"
+    spread_text = {"std": "± sample std", "range": "min-max", "none": "none (one seed)"}
+    same = len({(s.n, s.band) for s in stats.values()}) == 1  # then the legend title says it once
     for idx, lab in enumerate(order):
         s = stats[lab]
         x = np.arange(1, len(s.mean) + 1)
-        spread = {"std": "± std", "range": "min-max", "none": "one seed"}[s.band]
         ax.plot(x, s.mean, marker=markers[idx % len(markers)], markersize=4, lw=1.5, color=colors[lab],
-                label=f"{lab} (n={s.n}, {spread})")
+                label=lab if same else f"{lab} (n={s.n}, {spread_text[s.band]})")
         if s.low is not None:
             ax.fill_between(x, s.low, s.high, color=colors[lab], alpha=0.13, lw=0)
+    first = stats[order[0]]
+    legend_title = (f"mean over {first.n} seed{'s' if first.n > 1 else ''}\nband: {spread_text[first.band]}" if same
+                    else "mean over seeds, band")
     ax.set_xticks(np.arange(1, t_max + 1))
     ax.set_xlim(0.8, t_max + 0.2)
     ax.set_xlabel("tasks learned")
@@ -274,7 +279,7 @@ def _draw_curves(stats: dict[str, SeenCurve], title: str) -> Figure:
     ax.grid(alpha=0.3)
     ax.set_title(title, fontsize=10)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False,
-              title="mean over seeds, band", title_fontsize=8, alignment="left")
+              title=legend_title, title_fontsize=8, alignment="left")
     return fig
 
 
@@ -282,20 +287,70 @@ def _draw_curves(stats: dict[str, SeenCurve], title: str) -> Figure:
 # accuracy against cost
 
 
-def _spread(values: Sequence[float], gap: float) -> list[float]:
-    """Move sorted-by-value positions apart to at least ``gap``, keeping their mean where it was.
+Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in points from the axes' lower left corner
 
-    Written here rather than taken from adjustText: labels only need vertical separation within a
-    column of equal cost, and this keeps the layout (and so the PNG bytes) fixed by the data alone.
+# Where a label may sit relative to its point (dx, dy in points, alignment), in order of preference.
+_LABEL_SPOTS = ([(7, 0, "left"), (-7, 0, "right"), (6, 9, "left"), (6, -9, "left"), (-6, 9, "right"),
+                 (-6, -9, "right")]
+                + [(7, s * k * 10, "left") for k in (2, 3, 4) for s in (1, -1)]
+                + [(-7, s * k * 10, "right") for k in (2, 3, 4) for s in (1, -1)])
+
+
+def _overlap(a: Box, b: Box) -> float:
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    return w * h if w > 0 and h > 0 else 0.0
+
+
+def _place_labels(points: Sequence[tuple[float, float]], sizes: Sequence[tuple[float, float]],
+                  obstacles: Sequence[Box], bounds: tuple[float, float]) -> list[tuple[float, float, str]]:
+    """For each point, the first spot of ``_LABEL_SPOTS`` where its label (width, height) overlaps no
+    placed label, no obstacle (markers, error bars) and stays inside the axes; else the least bad.
+
+    Written here rather than taken from adjustText: a fixed list of spots tried in a fixed order
+    keeps the layout, and so the PNG bytes, a function of the data alone.
     """
-    order = sorted(range(len(values)), key=lambda i: (values[i], i))
-    pos = [float(values[i]) for i in order]
-    for i in range(1, len(pos)):
-        pos[i] = max(pos[i], pos[i - 1] + gap)
-    shift = float(np.mean([p - values[i] for p, i in zip(pos, order)])) if pos else 0.0
-    out = [0.0] * len(values)
-    for p, i in zip(pos, order):
-        out[i] = p - shift
+    placed: list[Box] = []
+    out: list[tuple[float, float, str]] = [(7, 0, "left")] * len(points)
+    order = sorted(range(len(points)), key=lambda i: (-points[i][1], points[i][0], i))
+    for i in order:
+        (px, py), (w, h) = points[i], sizes[i]
+        best, best_cost = None, math.inf
+        for dx, dy, ha in _LABEL_SPOTS:
+            x0 = px + dx if ha == "left" else px + dx - w
+            box = (x0, py + dy - h / 2, x0 + w, py + dy + h / 2)
+            outside = max(0.0, -box[0]) + max(0.0, box[2] - bounds[0]) + max(0.0, -box[1]) + max(0.0, box[3] - bounds[1])
+            cost = sum(_overlap(box, o) for o in [*placed, *obstacles]) + 100.0 * outside
+            if cost < best_cost:
+                best, best_cost = (dx, dy, ha, box), cost
+            if cost == 0:
+                break
+        dx, dy, ha, box = best
+        placed.append(box)
+        out[i] = (dx, dy, ha)
+    return out
+
+
+def _dodge(xs: Sequence[float], extents: Sequence[tuple[float, float]], step: float = 9.0) -> list[float]:
+    """Sideways shifts (points) that set apart points closer than ``step`` in x whose vertical
+    extents overlap; each such group is spread around its place, the higher value on the left."""
+    n = len(xs)
+    group = list(range(n))
+
+    def root(i: int) -> int:
+        while group[i] != i:
+            i = group[i]
+        return i
+
+    for i in range(n):
+        for j in range(i + 1, n):
+            if abs(xs[i] - xs[j]) < step and extents[i][0] < extents[j][1] and extents[j][0] < extents[i][1]:
+                group[root(j)] = root(i)
+    out = [0.0] * n
+    for g in sorted({root(i) for i in range(n)}):
+        members = sorted((i for i in range(n) if root(i) == g), key=lambda i: (-extents[i][1] - extents[i][0], i))
+        for k, i in enumerate(members):
+            out[i] = (k - (len(members) - 1) / 2) * step if len(members) > 1 else 0.0
     return out
 
 
@@ -370,6 +425,8 @@ def tradeoff(rows: pd.DataFrame | Iterable[Mapping[str, Any]], path: str | Path,
 def _draw_tradeoff(items: list[dict], title: str) -> Figure:
     colors = _colors(it["label"] for it in items)
     fig = Figure(figsize=(10.5, 4.4))
+    renderer = FigureCanvasAgg(fig).get_renderer()  # to measure the labels before placing them
+    label_font = FontProperties(size=8)
     axes = fig.subplots(1, 2, sharey=True)
     fig.subplots_adjust(wspace=0.08, left=0.07, right=0.98, top=0.86, bottom=0.2)
     means = np.array([it["faa_mean"] for it in items])
@@ -377,8 +434,9 @@ def _draw_tradeoff(items: list[dict], title: str) -> Figure:
     lo, hi = float(np.nanmin(means - stds)), float(np.nanmax(means + stds))
     pad = max(1.0, 0.08 * (hi - lo))
     ylim = (lo - pad, hi + pad)
-    panels = [("gflops_test", "test GFLOPs per image (forward passes included, log scale)"),
-              ("trainable_params", "trainable parameters added to the frozen backbone (log scale)")]
+    panels = [("gflops_test", "GFLOPs per test image, all forward passes (log scale)"),
+              ("trainable_params", "trainable parameters added to the frozen ViT, head excluded (log scale)")]
+    dodged = False
     for ax, (col, xlabel) in zip(axes, panels):
         raw = np.array([it[col] for it in items])
         xs, zero_at = _log_positions(raw)
@@ -388,28 +446,37 @@ def _draw_tradeoff(items: list[dict], title: str) -> Figure:
             _log_axis(ax, xs[shown], zero_at)
         ax.set_xlabel(xlabel, fontsize=9)
         ax.grid(alpha=0.3, which="major")
-        # labels to the right of their point; points of one cost column get vertically spread labels
-        axes_h_in = fig.get_figheight() * (0.86 - 0.2)
-        gap = 9.5 / 72 / axes_h_in * (ylim[1] - ylim[0])  # one 8 pt text line in data units
-        label_y = means.copy()
         idx = np.flatnonzero(shown)
-        logs = np.log10(xs[idx]) if len(idx) else np.array([])
-        done: set[int] = set()
-        for a in range(len(idx)):
-            if a in done:
-                continue
-            col_members = [b for b in range(len(idx)) if abs(logs[b] - logs[a]) < 0.12]
-            done.update(col_members)
-            spread = _spread([means[idx[b]] for b in col_members], gap)
-            for b, y in zip(col_members, spread):
-                label_y[idx[b]] = y
+        # work in points from the axes' lower left corner: markers, error bars and labels have sizes there
+        to_pt = 72.0 / fig.dpi
+        origin = np.array([ax.bbox.x0, ax.bbox.y0])
+
+        def pt(x: float, y: float) -> np.ndarray:
+            return (ax.transData.transform((x, y)) - origin) * to_pt
+
+        pts = [pt(xs[i], means[i]) for i in idx]
+        spans = [(pt(xs[i], means[i] - stds[i])[1], pt(xs[i], means[i] + stds[i])[1]) for i in idx]
+        shifts = _dodge([p[0] for p in pts], [(min(lo, p[1] - 4), max(hi, p[1] + 4)) for p, (lo, hi) in zip(pts, spans)])
+        px = []
+        for i, p, dx in zip(idx, pts, shifts):
+            x = ax.transData.inverted().transform(((p[0] + dx) / to_pt + origin[0], 0.0))[0] if dx else xs[i]
+            px.append(x)
+            ax.errorbar(x, means[i], yerr=stds[i] if stds[i] > 0 else None, fmt="o",
+                        color=colors[items[i]["label"]], elinewidth=1.2, capsize=3, markersize=6, zorder=3)
+        pts = [(p[0] + dx, p[1]) for p, dx in zip(pts, shifts)]
+        obstacles = [(x - 4, min(y - 4, lo), x + 4, max(y + 4, hi)) for (x, y), (lo, hi) in zip(pts, spans)]
+        sizes = []
         for i in idx:
-            it = items[i]
-            ax.errorbar(xs[i], means[i], yerr=stds[i] if stds[i] > 0 else None, fmt="o", color=colors[it["label"]],
-                        ecolor=colors[it["label"]], elinewidth=1.2, capsize=3, markersize=6, zorder=3)
-            dy_pt = (label_y[i] - means[i]) / (ylim[1] - ylim[0]) * axes_h_in * 72
-            ax.annotate(it["label"], (xs[i], means[i]), xytext=(7, dy_pt), textcoords="offset points",
-                        fontsize=8, va="center", ha="left", annotation_clip=False)
+            w, h, _ = renderer.get_text_width_height_descent(items[i]["label"], label_font, ismath=False)
+            sizes.append((w * to_pt + 2, h * to_pt + 2))
+        spots = _place_labels(pts, sizes, obstacles, (ax.bbox.width * to_pt, ax.bbox.height * to_pt))
+        for i, x, (dx, dy, ha) in zip(idx, px, spots):
+            c = colors[items[i]["label"]]
+            leader = None if dy == 0 else {"arrowstyle": "-", "color": c, "lw": 0.6, "shrinkA": 0, "shrinkB": 4}
+            ax.annotate(items[i]["label"], (x, means[i]), xytext=(dx, dy), textcoords="offset points",
+                        fontproperties=label_font, color=c, va="center", ha=ha, annotation_clip=False,
+                        arrowprops=leader)
+        dodged = dodged or any(shifts)
         missing = [items[i]["label"] for i in np.flatnonzero(~shown)]
         if missing:
             ax.annotate("not shown, no cost recorded: " + ", ".join(missing), (0.0, -0.2),
@@ -419,6 +486,9 @@ def _draw_tradeoff(items: list[dict], title: str) -> Figure:
     if zero_labels:
         axes[1].annotate("0: no parameters added (" + ", ".join(zero_labels) + ")", (1.0, -0.2),
                          xycoords="axes fraction", ha="right", va="top", fontsize=7, color="0.3")
+    if dodged:
+        axes[0].annotate("points of (nearly) equal cost whose error bars would overlap are set side by side",
+                         (0.0, -0.2), xycoords="axes fraction", ha="left", va="top", fontsize=7, color="0.3")
     fig.suptitle(title, fontsize=10)
     return fig
 
