@@ -437,6 +437,7 @@ def _draw_tradeoff(items: list[dict], title: str) -> Figure:
     panels = [("gflops_test", "GFLOPs per test image, all forward passes (log scale)"),
               ("trainable_params", "trainable parameters added to the frozen ViT, head excluded (log scale)")]
     dodged = False
+    notes = []
     for ax, (col, xlabel) in zip(axes, panels):
         raw = np.array([it[col] for it in items])
         xs, zero_at = _log_positions(raw)
@@ -456,7 +457,7 @@ def _draw_tradeoff(items: list[dict], title: str) -> Figure:
 
         pts = [pt(xs[i], means[i]) for i in idx]
         spans = [(pt(xs[i], means[i] - stds[i])[1], pt(xs[i], means[i] + stds[i])[1]) for i in idx]
-        shifts = _dodge([p[0] for p in pts], [(min(lo, p[1] - 4), max(hi, p[1] + 4)) for p, (lo, hi) in zip(pts, spans)])
+        shifts = _dodge([p[0] for p in pts], [(min(y0, p[1] - 4), max(y1, p[1] + 4)) for p, (y0, y1) in zip(pts, spans)])
         px = []
         for i, p, dx in zip(idx, pts, shifts):
             x = ax.transData.inverted().transform(((p[0] + dx) / to_pt + origin[0], 0.0))[0] if dx else xs[i]
@@ -464,7 +465,7 @@ def _draw_tradeoff(items: list[dict], title: str) -> Figure:
             ax.errorbar(x, means[i], yerr=stds[i] if stds[i] > 0 else None, fmt="o",
                         color=colors[items[i]["label"]], elinewidth=1.2, capsize=3, markersize=6, zorder=3)
         pts = [(p[0] + dx, p[1]) for p, dx in zip(pts, shifts)]
-        obstacles = [(x - 4, min(y - 4, lo), x + 4, max(y + 4, hi)) for (x, y), (lo, hi) in zip(pts, spans)]
+        obstacles = [(x - 4, min(y - 4, y0), x + 4, max(y + 4, y1)) for (x, y), (y0, y1) in zip(pts, spans)]
         sizes = []
         for i in idx:
             w, h, _ = renderer.get_text_width_height_descent(items[i]["label"], label_font, ismath=False)
@@ -479,16 +480,16 @@ def _draw_tradeoff(items: list[dict], title: str) -> Figure:
         dodged = dodged or any(shifts)
         missing = [items[i]["label"] for i in np.flatnonzero(~shown)]
         if missing:
-            ax.annotate("not shown, no cost recorded: " + ", ".join(missing), (0.0, -0.2),
-                        xycoords="axes fraction", fontsize=7, color="tab:red", va="top")
+            short = {"gflops_test": "test GFLOPs", "trainable_params": "parameters"}[col]
+            notes.append(f"not shown against {short}, no cost recorded: " + ", ".join(missing))
     axes[0].set_ylabel("FAA (%): mean ± sample std over seeds")
     zero_labels = [it["label"] for it in items if it["trainable_params"] == 0]
     if zero_labels:
-        axes[1].annotate("0: no parameters added (" + ", ".join(zero_labels) + ")", (1.0, -0.2),
-                         xycoords="axes fraction", ha="right", va="top", fontsize=7, color="0.3")
+        notes.append("parameters 0: none added (" + ", ".join(zero_labels) + ")")
     if dodged:
-        axes[0].annotate("points of (nearly) equal cost whose error bars would overlap are set side by side",
-                         (0.0, -0.2), xycoords="axes fraction", ha="left", va="top", fontsize=7, color="0.3")
+        notes.append("points of (nearly) equal cost whose error bars would overlap are set side by side")
+    if notes:
+        fig.text(0.07, 0.07, "\n".join(notes), ha="left", va="top", fontsize=7, color="0.3")
     fig.suptitle(title, fontsize=10)
     return fig
 

@@ -146,7 +146,7 @@ def test_tradeoff_places_zero_parameter_methods_at_a_marked_zero(tmp_path):
     assert sorted(zero_pos) == ["head_only", "joint"]
     for x in zero_pos.values():  # at the "0" spot (set side by side at most), left of the axis break
         assert abs(math.log10(x / ticks["0"])) < 0.1 and x < ticks["0"] * 10 ** 0.5
-    assert any("head_only, joint" in t.get_text() for t in params_ax.texts)  # the note names them
+    assert "parameters 0: none added (head_only, joint)" in fig.texts[0].get_text()  # the note names them
 
 
 def test_label_spots_never_overlap_when_crowded():
@@ -181,8 +181,8 @@ def test_tradeoff_names_methods_without_cost_and_refuses_negative(tmp_path):
     rows = trade_rows()
     rows[2] = {**rows[2], "gflops_test": float("nan")}
     fig = figures._draw_tradeoff(tradeoff_items(rows), "t")
-    notes = [t.get_text() for t in fig.axes[0].texts]
-    assert any(n.startswith("not shown, no cost recorded") and rows[2]["label"] in n for n in notes)
+    notes = fig.texts[0].get_text().splitlines()
+    assert f"not shown against test GFLOPs, no cost recorded: {rows[2]['label']}" in notes
     assert tradeoff(rows, tmp_path / "t.png").changed
     rows[3] = {**rows[3], "trainable_params": -1}
     with pytest.raises(ValueError, match=">= 0"):
