@@ -134,6 +134,8 @@ def faa_dots(rows: pd.DataFrame | Iterable[Mapping[str, Any]], path: str | Path,
     would exaggerate. One seed gets no error bar (its spread is unknown, not zero).
     """
     df = _frame(rows, ["label", f"{metric}_mean", f"{metric}_std"], "faa_dots")
+    if df.empty:
+        raise ValueError("faa_dots needs at least one method row")
     df = df.assign(label=df["label"].astype(str))
     hib = HIGHER_IS_BETTER.get(metric, True)
     df = df.sort_values([f"{metric}_mean", "label"], ascending=[not hib, True])
@@ -160,6 +162,7 @@ def _draw_dots(items: list[dict], title: str, metric: str) -> Figure:
                     ha="left", fontsize=8, annotation_clip=False)
     ax.set_yticks(ys, [it["label"] for it in items], fontsize=9)
     ax.set_ylim(-0.6, len(items) - 0.4)
+    ax.margins(x=0.08)
     ax.set_xlabel(f"{metric.upper()} (%): mean ± sample std over seeds")
     ax.grid(axis="x", alpha=0.3)
     ax.set_title(title, fontsize=10)
@@ -389,6 +392,7 @@ def _log_axis(ax: Any, xs: np.ndarray, zero_at: float | None) -> None:
     labels = [_tick_text(t) for t in ticks]
     if zero_at is not None:
         ticks, labels = [zero_at, *ticks], ["0", *labels]
+    if zero_at is not None and len(real):
         brk = zero_at * 10 ** 0.5  # halfway (in log) between 0's spot and the first real decade
         ax.axvline(brk, color="0.6", lw=0.8, ls=":")
         for dx in (-0.03, 0.03):  # two slanted strokes across the x axis: the axis is broken here
