@@ -32,7 +32,7 @@ from .stats import HIGHER_IS_BETTER
 if TYPE_CHECKING:
     from .stats import FriedmanResult
 
-__all__ = ["Drawn", "FIGURE_VERSION", "SeenCurve", "seen_class_accuracy", "seen_class_curve", "faa_dots",
+__all__ = ["Drawn", "FIGURE_VERSION", "stored_digest", "SeenCurve", "seen_class_accuracy", "seen_class_curve", "faa_dots",
            "accuracy_curves", "tradeoff", "critical_difference", "faa_bar", "cd_diagram"]
 
 #: Part of every figure's input hash: bump it whenever any drawing changes.
