@@ -317,6 +317,16 @@ def render(records: Iterable[Mapping[str, Any]], out_dir: str | Path = "leaderbo
                 rel = emit_fig(figmod.faa_dots(rows, out / f"{base}_faa.png", title=title))
                 figs.append(("FAA per method", rel))
                 index_fig.append(f"- [{rel}]({rel}): FAA per method, {title}")
+                curves = {lab: list(h.sort_values("seed")["acc_matrix"])
+                          for lab, h in runs.groupby("label", sort=True)}
+                rel = emit_fig(figmod.accuracy_curves(curves, out / f"{base}_curves.png", title=title))
+                figs.append(("accuracy on seen classes after each task", rel))
+                index_fig.append(f"- [{rel}]({rel}): accuracy on seen classes after each task, {title}")
+                costed = rows.dropna(subset=["gflops_test", "trainable_params"])
+                if table == "main" and len(costed):
+                    rel = emit_fig(figmod.tradeoff(costed, out / f"{base}_tradeoff.png", title=title))
+                    figs.append(("FAA against test GFLOPs and trainable parameters", rel))
+                    index_fig.append(f"- [{rel}]({rel}): FAA against test GFLOPs and added parameters, {title}")
             best = rows.sort_values(["faa_mean", "label"], ascending=[False, True]).iloc[0]
             summary = (f"{len(rows)} rows, {len(runs)} runs; best FAA {best['label']} "
                        f"{_mstd(best['faa_mean'], best['faa_std'], int(best['n']))}")
@@ -331,8 +341,8 @@ def render(records: Iterable[Mapping[str, Any]], out_dir: str | Path = "leaderbo
             emit(out / page_name(proto, bb, table), _page(title, rows, t_rows, n_runs, figs, extra))
 
     cd_rel = None
-    if figures and fr is not None and fr.n_blocks >= 2 and fr.avg_ranks:
-        cd_rel = emit_fig(figmod.cd_diagram(fr, out / "figures" / "cd_faa.png"))
+    if figures and fr is not None and fr.n_blocks >= 2 and fr.cd is not None:
+        cd_rel = emit_fig(figmod.critical_difference(fr, out / "figures" / "cd_faa.png"))
         index_fig.append(f"- [{cd_rel}]({cd_rel}): critical-difference diagram of FAA ranks across protocols")
 
     n_pairs = agg[["protocol", "backbone"]].drop_duplicates().shape[0]

@@ -77,10 +77,11 @@ def runs_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
             "train_s": tim.get("train_s", np.nan),
             "eval_s": tim.get("eval_s", np.nan),
             "total_s": tim.get("total_s", np.nan),
+            "acc_matrix": r.get("acc_matrix"),
         })
     cols = ["key", *_GROUP, "label", "method", "seed", "created", "position", "role", "config",
             "default_config", "default_protocol", "published", *_METRICS, *_COST,
-            "train_s", "eval_s", "total_s"]
+            "train_s", "eval_s", "total_s", "acc_matrix"]
     df = pd.DataFrame(rows, columns=cols)
     if df.empty:
         return df
