@@ -534,7 +534,8 @@ def render_papers(records: Iterable[Mapping[str, Any]], papers: Mapping | None =
     newest = newest_created(used)
     lines = [MARKER, "# Published numbers beside the suite", "",
              "Every published number here is read from `leaderboard/papers.yaml`, one entry per number "
-             "with its source and the spec section it comes from (`/work/shared/specs`). The suite's "
+             "with its source and the section of the project's specs it comes from (`specs/protocols.md`, "
+             "`specs/baselines.md`, `specs/smope.md`). The suite's "
              "numbers come from run records alone: status ok, default configuration (no `variant`), "
              f"table `main`; mean {PM} sample std (ddof 1) over seeds, `n/a` with one seed; "
              "Δ = suite minus paper. The papers' std is over their own runs (the CODA-Prompt and SMoPE "
