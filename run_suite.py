@@ -117,14 +117,14 @@ def _local_records(args) -> list[dict]:
 
 
 def render_leaderboard(args) -> None:
-    from leaderboard.records import load_published, merge
-    from leaderboard.render import render
+    from leaderboard.records import PROFILES_DIR, SMOKE_DIR, load_measurements, load_published
+    from leaderboard.render import render_all
 
     published = load_published(_records_dir(args))
-    local = _local_records(args)
-    res = render(merge(published, local), out_dir=args.leaderboard_dir)
-    n_local = sum(1 for r in merge(published, local) if not r.get("_published"))
-    print(f"leaderboard: {len(published)} published + {n_local} local runs -> {len(res)} files in "
+    local = [r for r in _local_records(args) if r["key"] not in {p["key"] for p in published}]
+    res = render_all(published, local, args.leaderboard_dir, profiles=load_measurements(PROFILES_DIR),
+                     smoke=load_measurements(SMOKE_DIR))
+    print(f"leaderboard: {len(published)} published + {len(local)} local runs -> {len(res)} files in "
           f"{args.leaderboard_dir}/ ({len(res.changed)} changed, {len(res.removed)} removed)")
 
 

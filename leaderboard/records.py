@@ -25,10 +25,13 @@ from typing import Any
 
 from .store import RecordError, validate_record
 
-__all__ = ["RECORDS_DIR", "RecordConflict", "PublishResult", "Reproduction", "config_id",
+__all__ = ["RECORDS_DIR", "PROFILES_DIR", "SMOKE_DIR", "load_measurements", "add_measurements", "RecordConflict", "PublishResult", "Reproduction", "config_id",
            "load_published", "merge", "publish", "reproduction", "same_result", "variant_text", "dumps"]
 
 RECORDS_DIR = Path(__file__).resolve().parent / "records"
+#: measurements kept apart from the results: `--profile` and `--smoke` records
+PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
+SMOKE_DIR = Path(__file__).resolve().parent / "smoke"
 #: accuracies are ratios of image counts: two runs agree when every entry agrees to this
 _TOL = 1e-9
 
@@ -253,3 +256,37 @@ def reproduction(local: Iterable[Mapping[str, Any]], published: Iterable[Mapping
         if not same_result(old, rec):
             rep.differing.append((dict(old), dict(rec)))
     return rep
+
+
+def load_measurements(directory: str | Path) -> list[dict[str, Any]]:
+    """Every record of the JSON-lines files in `directory` (profile or smoke records)."""
+    out = []
+    for path in sorted(Path(directory).glob("*.jsonl")):
+        with path.open(encoding="utf-8") as fh:
+            for n, line in enumerate(fh, 1):
+                if line.strip():
+                    try:
+                        out.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise RecordError(f"{path}:{n}: not a JSON record: {e}") from None
+    return out
+
+
+def add_measurements(records: Iterable[Mapping[str, Any]], directory: str | Path) -> list[Path]:
+    """Append profile or smoke records to `<directory>/<device slug>.jsonl` (sorted, one per
+    line, exact duplicates dropped): measurements accumulate per device, like results."""
+    directory = Path(directory)
+    by_file: dict[Path, list[Mapping[str, Any]]] = {}
+    for r in records:
+        by_file.setdefault(directory / f"{_slug(r.get('device', 'unknown'))}.jsonl", []).append(r)
+    directory.mkdir(parents=True, exist_ok=True)
+    for path, new in sorted(by_file.items()):
+        old = load_measurements_file(path) if path.is_file() else []
+        lines = sorted({dumps(r) for r in [*old, *new]})
+        _write_atomic(path, "".join(line + "\n" for line in lines))
+    return sorted(by_file)
+
+
+def load_measurements_file(path: Path) -> list[dict[str, Any]]:
+    with path.open(encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
