@@ -116,17 +116,12 @@ def _results_table(rows: pd.DataFrame) -> str:
     body = []
     for _, r in rows.iterrows():
         n = int(r["n"])
-        line = [_row_name(r), _mstd(r["faa_mean"], r["faa_std"], n), _mstd(r["caa_mean"], r["caa_std"], n),
+        line = [r["label"], _mstd(r["faa_mean"], r["faa_std"], n), _mstd(r["caa_mean"], r["caa_std"], n),
                 _mstd(r["ffm_mean"], r["ffm_std"], n),
                 *[_mstd(r[f"{m}_mean"], r[f"{m}_std"], n) for m in split], str(n)]
         line += [fmt(r[col]) for col, _, fmt in cost]
         body.append(line)
     return tabulate(body, headers=headers, tablefmt="github", disable_numparse=True)
-
-
-def _row_name(r: pd.Series) -> str:
-    role = r.get("role", "method")
-    return r["label"] + (f" ({role})" if role in ("lower bound", "upper bound") else "")
 
 
 def _tests_section(tests: pd.DataFrame, rows: pd.DataFrame, metric: str = "faa") -> list[str]:
@@ -192,15 +187,25 @@ def _page(title: str, rows: pd.DataFrame, tests: pd.DataFrame, n_runs: int, figs
                 if rows[["wtp_mean", "tii_mean"]].notna().any().any() else "")
              + ("In ladder order: each row adds one component to the row above; the paired tests "
                 "compare every rung with the last, full model." if _is_ladder(rows) else "Sorted by FAA.")
-             + (" A row is one configuration: " + ", ".join(sorted(variants["label"]))
-                + " differ from the default configuration in what their label says and are never "
-                  "averaged into its row." if len(variants) else ""),
+             + _bounds_note(rows)
+             + (" A row is one configuration: the settings in parentheses ("
+                + "; ".join(sorted(variants["label"]))
+                + ") are where a row differs from the default configuration; such rows never replace "
+                  "or average into a default row." if len(variants) else ""),
              ""]
     for alt, rel in figs:
         lines += [f"![{alt}]({rel})", ""]
     lines += _tests_section(tests, rows)
     lines += extra
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _bounds_note(rows: pd.DataFrame) -> str:
+    bounds = rows[rows["role"].isin(["lower bound", "upper bound"])]
+    if bounds.empty:
+        return ""
+    names = "; ".join(f"{r['label']} is the {r['role']}" for _, r in bounds.sort_values("role").iterrows())
+    return f" {names}: references that frame the methods, not contestants."
 
 
 def _friedman_section(res: FriedmanResult | None, fig: str | None) -> list[str]:
