@@ -52,12 +52,21 @@ def assert_batch_size_invariant(strategy, x, test_stream) -> None:
     assert strategy.eval(test_stream) == pytest.approx(acc)
 
 
+def hparams(name: str, protocol: str, *overrides):
+    """Method `name`'s hyperparameters on the shipped `protocol`, resolved as a run resolves them
+    (its defaults, what follows from the stream, the protocol YAML, then `overrides`)."""
+    from protocols.runner import method_hparams
+    from protocols.schema import load_protocol
+
+    return method_hparams(name, load_protocol(protocol), *overrides)
+
+
 def make_strategy(name: str, vit, **over):
     """Method `name` with its fmnist-5t defaults (plus `over`) on `vit`, 10 classes, seeded."""
     from methods import registry
 
     torch.manual_seed(0)
-    hp = registry.resolve_hparams(name, "fmnist-5t", over)
+    hp = hparams(name, "fmnist-5t", over)
     return registry.create(name, vit=vit, num_classes=10, hparams=hp, eval_mb_size=64)
 
 
@@ -80,7 +89,7 @@ def vit_b16_strategy(name: str, protocol: str, num_classes: int):
 
     vit = backbones.load("sup21k", random_init=True).vit
     return registry.create(name, vit=vit, num_classes=num_classes,
-                           hparams=registry.resolve_hparams(name, protocol))
+                           hparams=hparams(name, protocol))
 
 
 def added_params(model) -> int:

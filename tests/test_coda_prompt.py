@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from methods import registry
 from methods.coda_prompt import gram_schmidt, ortho_penalty
-from helpers import (added_params, assert_batch_size_invariant, make_strategy,
+from helpers import (added_params, assert_batch_size_invariant, make_strategy, hparams,
                      train_and_probe, vit_b16_strategy)
 from test_l2p import PROTOCOLS, stream  # the synthetic 5 x 2-class stream
 
@@ -25,8 +25,8 @@ def slices(model, task):
 
 def test_defaults_cover_every_protocol():
     for p in PROTOCOLS:
-        registry.resolve_hparams("coda_prompt", p)
-    hp = registry.resolve_hparams("coda_prompt", "cifar100-10t")
+        hparams("coda_prompt", p)
+    hp = hparams("coda_prompt", "cifar100-10t")
     assert (hp["n_components"], hp["n_tasks"], hp["prompt_length"], hp["ortho_weight"]) == (100, 10, 8, 0.0)
 
 
@@ -132,7 +132,7 @@ def test_vit_b16_parameter_count():
 
 
 def test_prompt_lr_mult_splits_head_from_current_slice(tiny):
-    assert registry.resolve_hparams("coda_prompt", "cifar100-10t")["prompt_lr_mult"] == 1.0
+    assert hparams("coda_prompt", "cifar100-10t")["prompt_lr_mult"] == 1.0
     s = make(tiny, prompt_lr_mult=1.0)  # 1.0: one group at lr, as the code
     assert len(s.param_groups()) == 1 and "lr" not in s.param_groups()[0]
     s = make(tiny, lr=0.01, prompt_lr_mult=0.2)

@@ -5,6 +5,7 @@ import torch
 
 from methods import backbones, registry
 from methods.cost import cost_row, count_flops, input_example
+from helpers import hparams
 
 torch.set_num_threads(1)
 KEYS = {"method", "trainable_params", "head_params", "passes_train", "passes_test", "gflops_train",
@@ -23,7 +24,7 @@ def test_plain_forward_flops_match_the_hand_count(tiny):
 
 @pytest.mark.parametrize("method", ["head_only", "l2p", "dualprompt", "coda_prompt"])
 def test_cost_row_counts_and_pass_ratio(tiny, method):
-    hp = registry.resolve_hparams(method, "fmnist-5t")
+    hp = hparams(method, "fmnist-5t")
     row = cost_row(method, tiny, 10, hp)
     assert set(row) == KEYS and row["method"] == method
     cls = registry.get(method)
@@ -38,7 +39,7 @@ def test_cost_row_counts_and_pass_ratio(tiny, method):
 
 
 def test_expected_parameter_counts_on_tiny(tiny):
-    rows = {m: cost_row(m, tiny, 10, registry.resolve_hparams(m, "fmnist-5t"))["trainable_params"]
+    rows = {m: cost_row(m, tiny, 10, hparams(m, "fmnist-5t"))["trainable_params"]
             for m in ("l2p", "dualprompt", "coda_prompt")}
     d = 64
     assert rows["l2p"] == 10 * 2 * d + 10 * d  # pool 10 x length 2, + 10 keys

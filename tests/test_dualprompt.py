@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from methods import registry
-from helpers import (added_params, assert_batch_size_invariant, make_strategy,
+from helpers import (added_params, assert_batch_size_invariant, make_strategy, hparams,
                      train_and_probe, vit_b16_strategy)
 from test_l2p import PROTOCOLS, stream  # the synthetic 5 x 2-class stream
 
@@ -18,8 +18,8 @@ def make(tiny, **over):
 
 def test_defaults_cover_every_protocol():
     for p in PROTOCOLS:
-        registry.resolve_hparams("dualprompt", p)
-    assert registry.resolve_hparams("dualprompt", "imagenet-r-20t")["pool_size"] == 20
+        hparams("dualprompt", p)
+    assert hparams("dualprompt", "imagenet-r-20t")["pool_size"] == 20
 
 
 def test_selection_task_id_in_training_top1_per_sample_at_test(tiny):
@@ -115,7 +115,7 @@ def test_vit_b16_parameter_counts(protocol, count):
 
 
 def test_prompt_lr_mult_splits_head_from_prompts(tiny):
-    assert registry.resolve_hparams("dualprompt", "cifar100-10t")["prompt_lr_mult"] == 1.0
+    assert hparams("dualprompt", "cifar100-10t")["prompt_lr_mult"] == 1.0
     s = make(tiny, prompt_lr_mult=1.0)  # 1.0: one group at lr, as the code
     assert len(s.param_groups()) == 1 and "lr" not in s.param_groups()[0]
     s = make(tiny, lr=0.01, prompt_lr_mult=0.2)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from methods import backbones, registry
 from methods.hide_prompt import HiDeHparams, HiDeModel
 
-from helpers import PROTOCOLS, stream
+from helpers import PROTOCOLS, stream, hparams
 
 torch.set_num_threads(1)
 
@@ -17,7 +17,7 @@ def trained(vit):
     """A HiDe strategy trained on 2 tasks x 2 classes (stage 1 and 2 of each, alternating)."""
     bm = stream()
     torch.manual_seed(0)
-    hp = registry.resolve_hparams("hide_prompt", "fmnist-5t", {
+    hp = hparams("hide_prompt", "fmnist-5t", {
         "epochs": 1, "batch_size": 8, "tii_epochs": 15, "tii_batch_size": 8, "tii_lr": 1e-2,
         "n_centroids": 2, "tap_epochs": 3, "tii_cache_features": False})
     s = registry.create("hide_prompt", vit=vit, num_classes=4, hparams=hp, eval_mb_size=32)
@@ -106,7 +106,7 @@ def test_training_forward_uses_the_blended_true_task_prompt(vit):
 
 def test_more_tasks_than_prompts_is_a_clear_error(vit):
     bm = stream(n_classes=6, per_task=2, train=4, test=2)
-    hp = registry.resolve_hparams("hide_prompt", "fmnist-5t", {
+    hp = hparams("hide_prompt", "fmnist-5t", {
         "pool_size": 2, "epochs": 1, "tii_epochs": 1, "tap_epochs": 1, "tii_align_epochs": 1})
     s = registry.create("hide_prompt", vit=vit, num_classes=6, hparams=hp)
     s.train(bm.train_stream[0])
@@ -120,10 +120,10 @@ def test_defaults_cover_every_protocol_and_cost_attributes():
     tasks = {"cifar100-10t": 10, "imagenet-r-5t": 5, "imagenet-r-10t": 10, "imagenet-r-20t": 20,
              "cub200-10t": 10, "fmnist-5t": 5}
     for p in PROTOCOLS:
-        hp = registry.resolve_hparams("hide_prompt", p)
+        hp = hparams("hide_prompt", p)
         assert hp["pool_size"] == tasks[p]
-    assert registry.resolve_hparams("hide_prompt", "cifar100-10t")["prompt_length"] == 5
-    assert registry.resolve_hparams("hide_prompt", "imagenet-r-10t")["prompt_length"] == 20
+    assert hparams("hide_prompt", "cifar100-10t")["prompt_length"] == 5
+    assert hparams("hide_prompt", "imagenet-r-10t")["prompt_length"] == 20
     assert (cls.passes_train, cls.passes_test) == (2, 2)
 
 
@@ -131,7 +131,7 @@ def test_vit_b16_parameter_counts():
     vit_b = backbones.load("sup21k", random_init=True).vit
     counts = {}
     for protocol, classes in (("cifar100-10t", 100), ("imagenet-r-10t", 200)):
-        m = HiDeModel(vit_b, classes, HiDeHparams(**registry.resolve_hparams("hide_prompt", protocol)))
+        m = HiDeModel(vit_b, classes, HiDeHparams(**hparams("hide_prompt", protocol)))
         counts[protocol] = {n.split(".")[0] + ("." + n.split(".")[1] if n.startswith("tii") else ""):
                             0 for n, _ in m.added_parameters()}
         for n, p in m.added_parameters():

@@ -9,7 +9,7 @@ from methods import registry
 from methods.l2p import L2PModel
 
 torch.set_num_threads(1)
-from helpers import (PROTOCOLS, added_params, assert_batch_size_invariant,
+from helpers import (PROTOCOLS, added_params, assert_batch_size_invariant, hparams,
                      make_strategy, train_and_probe, vit_b16_strategy)
 
 
@@ -44,8 +44,8 @@ def make(tiny, **over):
 
 def test_defaults_cover_every_protocol():
     for p in PROTOCOLS:
-        registry.resolve_hparams("l2p", p)
-    assert registry.resolve_hparams("l2p", "cifar100-10t")["top_k"] == 5
+        hparams("l2p", p)
+    assert hparams("l2p", "cifar100-10t")["top_k"] == 5
 
 
 def test_topk_selection_is_per_sample(tiny):
@@ -123,7 +123,7 @@ def test_vit_b16_parameter_count():
 
 
 def test_prompt_lr_mult_splits_head_from_prompts(tiny):
-    assert registry.resolve_hparams("l2p", "cifar100-10t")["prompt_lr_mult"] == 1.0
+    assert hparams("l2p", "cifar100-10t")["prompt_lr_mult"] == 1.0
     s = make(tiny, prompt_lr_mult=1.0)  # 1.0: one group at lr, as the code
     assert len(s.param_groups()) == 1 and "lr" not in s.param_groups()[0]
     s = make(tiny, lr=0.01, prompt_lr_mult=0.2)

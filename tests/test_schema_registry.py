@@ -83,3 +83,82 @@ def test_installed_entry_point_registers_a_method(tmp_path, monkeypatch):
     assert "ep_method" in registry.names()
     assert registry.get("ep_method").__name__ == "FromEntryPoint"
     sys.modules.pop("ep_pkg", None)
+
+
+def test_a_new_method_file_is_registered_without_editing_any_list(tmp_path):
+    """Built-ins are discovered from the package: dropping one file into (a copy of) `methods/`
+    registers it; no hand-kept list exists to edit."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import methods
+
+    copy = tmp_path / "methods"
+    shutil.copytree(Path(methods.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    (copy / "brand_new.py").write_text(
+        "from .base import PromptStrategy\nfrom .registry import register\n\n\n"
+        "@register('brand_new')\nclass BrandNew(PromptStrategy):\n    description = 'dropped in'\n")
+    code = "import methods; print(methods.__file__); print(' '.join(methods.names()))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    assert out[0] == str(copy / "__init__.py")
+    assert "brand_new" in out[1].split() and "smope" in out[1].split()
+    assert not hasattr(registry, "BUILTIN")
+
+
+def test_a_plugin_can_never_take_a_used_name(tmp_path, monkeypatch):
+    """Whatever its class is called, a plugin cannot replace a built-in or another plugin."""
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    body = ("from methods import PromptStrategy, register\n\n\n@register({name!r})\n"
+            "class {cls}(PromptStrategy):\n    pass\n")
+    builtin = registry.get("smope")
+    for i, cls in enumerate(("SMoPE", "Other")):  # same class name as the built-in, or not
+        f = tmp_path / f"p{i}.py"
+        f.write_text(body.format(name="smope", cls=cls))
+        with pytest.raises(registry.PluginError, match="already registered"):
+            registry.load_plugin(str(f))
+    assert registry.get("smope") is builtin
+    first, second = tmp_path / "a" / "mine.py", tmp_path / "b" / "mine.py"  # same file name
+    for f in (first, second):
+        f.parent.mkdir()
+        f.write_text(body.format(name="mine", cls="Mine"))
+    assert registry.load_plugin(str(first)) == ["mine"]
+    assert registry.load_plugin(str(first)) == ["mine"]  # the same file again: harmless
+    mine = registry.get("mine")
+    with pytest.raises(registry.PluginError, match="already registered"):
+        registry.load_plugin(str(second))
+    assert registry.get("mine") is mine
+    broken = tmp_path / "broken.py"
+    broken.write_text("raise RuntimeError('boom')\n")
+    with pytest.raises(registry.PluginError, match="failed to import: RuntimeError: boom"):
+        registry.load_plugin(str(broken))
+
+
+def test_a_method_without_defaults_for_a_protocol_is_refused_before_running(tmp_path):
+    from protocols.errors import SweepError
+    from protocols.sweep import SweepRequest, plan
+
+    proto = tmp_path / "mine.yaml"
+    proto.write_text("name: mine\ndataset: fashion_mnist\nnum_tasks: 5\nbackbones: [tiny]\n")
+    with pytest.raises(SweepError, match="'smope' has no hyperparameters for protocol 'mine'"):
+        plan(SweepRequest(protocols=[str(proto)], methods=["smope"], seeds=1))
+    # head_only declares generic defaults ("*"); the protocol YAML can configure smope itself
+    assert len(plan(SweepRequest(protocols=[str(proto)], methods=["head_only"], seeds=2))) == 2
+    proto.write_text(proto.read_text() + "methods:\n  smope: {epochs: 1}\n")
+    assert len(plan(SweepRequest(protocols=[str(proto)], methods=["smope"], seeds=1))) == 1
+
+
+def test_stream_facts_give_the_per_task_hyperparameters():
+    """pool_size / n_tasks follow from the protocol's number of tasks (one fact, one place)."""
+    from protocols.runner import method_hparams
+
+    for name in ("imagenet-r-5t", "imagenet-r-20t", "fmnist-5t"):
+        p = load_protocol(name)
+        assert method_hparams("dualprompt", p)["pool_size"] == p.num_tasks
+        assert method_hparams("hide_prompt", p)["pool_size"] == p.num_tasks
+        assert method_hparams("coda_prompt", p)["n_tasks"] == p.num_tasks
+    with pytest.raises(ValueError, match="pool_size=3"):
+        registry.create("dualprompt", vit=__import__("methods").backbones.load("tiny", random_init=True).vit,
+                        num_classes=10, hparams={"pool_size": 3}, num_tasks=5)

@@ -9,6 +9,7 @@ from torch.utils.data import Dataset
 
 from methods import backbones, registry
 from methods.smope import SMoPE, SMoPEHparams
+from helpers import hparams
 
 warnings.filterwarnings("ignore", message="No loggers specified")
 torch.set_num_threads(1)
@@ -309,15 +310,15 @@ def test_ablation_ladder_is_cumulative_and_valid():
                       "proto_loss"}
     for _, overrides in ABLATION:
         assert all(v is False for v in overrides.values())
-        registry.resolve_hparams("smope", "fmnist-5t", overrides)  # every key is a valid hparam
+        hparams("smope", "fmnist-5t", overrides)  # every key is a valid hparam
 
 
 def test_defaults_exist_for_every_protocol():
     for protocol in ("cifar100-10t", "imagenet-r-5t", "imagenet-r-10t", "imagenet-r-20t",
                      "cub200-10t", "fmnist-5t"):
         assert protocol in SMoPE.DEFAULTS
-        SMoPEHparams(**registry.resolve_hparams("smope", protocol))
-    hp = registry.resolve_hparams("smope", "imagenet-r-10t")
+        SMoPEHparams(**hparams("smope", protocol))
+    hp = hparams("smope", "imagenet-r-10t")
     assert (hp["num_experts"], hp["top_k"], hp["eps"], hp["alpha_router"], hp["alpha_proto"]) == \
         (25, 5, 0.5, 5e-5, 1e-4)
 
@@ -326,7 +327,7 @@ def test_defaults_exist_for_every_protocol():
 def test_vit_b16_parameters_passes_and_flops():
     vit = backbones.load("sup21k", random_init=True).vit
     s = registry.create("smope", vit=vit, num_classes=200,
-                        hparams=registry.resolve_hparams("smope", "imagenet-r-10t"))
+                        hparams=hparams("smope", "imagenet-r-10t"))
     m = s.model
     assert m.layers == [0, 1, 2, 3, 4, 5]
     assert sum(p.numel() for _, p in m.added_parameters()) == 230_400  # 6 x 25 x 12 x 64 x 2
@@ -334,7 +335,7 @@ def test_vit_b16_parameters_passes_and_flops():
     assert SMoPE.passes_train == SMoPE.passes_test == 1
     from methods import cost
 
-    ours = cost.cost_row("smope", vit, 100, registry.resolve_hparams("smope", "cifar100-10t"))
-    l2p = cost.cost_row("l2p", vit, 100, registry.resolve_hparams("l2p", "cifar100-10t"))
+    ours = cost.cost_row("smope", vit, 100, hparams("smope", "cifar100-10t"))
+    l2p = cost.cost_row("l2p", vit, 100, hparams("l2p", "cifar100-10t"))
     assert ours["trainable_params"] == 230_400 and ours["passes_test"] == 1
     assert ours["gflops_test"] <= 0.52 * l2p["gflops_test"]

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from methods import backbones, registry
 from methods.vq_prompt import VQPromptHparams, VQPromptModel
 
-from helpers import PROTOCOLS, stream
+from helpers import PROTOCOLS, stream, hparams
 
 torch.set_num_threads(1)
 
@@ -73,7 +73,7 @@ def test_loss_weights_paper_and_code_swap(vit):
 def test_training_two_tasks_alignment_and_batch_size_invariance(vit):
     bm = stream()
     torch.manual_seed(0)
-    hp = registry.resolve_hparams("vq_prompt", "fmnist-5t", {"epochs": 1, "batch_size": 8,
+    hp = hparams("vq_prompt", "fmnist-5t", {"epochs": 1, "batch_size": 8,
                                                              "align_epochs": 2})
     s = registry.create("vq_prompt", vit=vit, num_classes=4, hparams=hp, eval_mb_size=32)
     s.train(bm.train_stream[0])
@@ -101,16 +101,16 @@ def test_training_two_tasks_alignment_and_batch_size_invariance(vit):
 def test_defaults_cover_every_protocol_and_cost_attributes():
     cls = registry.get("vq_prompt")
     for p in PROTOCOLS:
-        hp = registry.resolve_hparams("vq_prompt", p)
+        hp = hparams("vq_prompt", p)
         assert hp["pool_size"] == 10 and hp["prompt_length"] == 8
-    assert registry.resolve_hparams("vq_prompt", "cub200-10t")["tau"] == 5.0
-    assert registry.resolve_hparams("vq_prompt", "fmnist-5t")["epochs"] <= 4
+    assert hparams("vq_prompt", "cub200-10t")["tau"] == 5.0
+    assert hparams("vq_prompt", "fmnist-5t")["epochs"] <= 4
     assert (cls.passes_train, cls.passes_test) == (2, 2)
 
 
 def test_vit_b16_parameter_count():
     vit_b = backbones.load("sup21k", random_init=True).vit
-    hp = registry.resolve_hparams("vq_prompt", "cifar100-10t")
+    hp = hparams("vq_prompt", "cifar100-10t")
     m = VQPromptModel(vit_b, 100, VQPromptHparams(**hp))
     assert sum(p.numel() for _, p in m.added_parameters()) == 345_600
     assert sum(p.numel() for p in m.head.parameters()) == 76_900
