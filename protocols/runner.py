@@ -63,6 +63,7 @@ class RunOptions:
     allow_download: bool = False
     random_init: bool = False  # backbone without weights: tests and cost only (sha256 says so)
     threads: int | None = None  # torch CPU threads for this run (None: torch's default)
+    loader_workers: int | None = None  # DataLoader worker processes (None: by device, methods.loading)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -188,7 +189,8 @@ def run(spec: RunSpec, options: RunOptions = RunOptions()) -> dict[str, Any]:
         num_tasks=protocol.num_tasks, class_order=protocol.class_order,
         image_size=bspec.image_size, in_chans=bspec.in_chans, mean=mean, std=std,
         augment=protocol.augment, eval_resize=protocol.eval_resize,
-        subsample=protocol.subsample, split_file=protocol.split_file, download=options.download)
+        subsample=protocol.subsample, split=protocol.split, split_file=protocol.split_file,
+        download=options.download)
     bm = info.benchmark
 
     RNGManager.set_random_seeds(spec.seed)
@@ -196,7 +198,7 @@ def run(spec: RunSpec, options: RunOptions = RunOptions()) -> dict[str, Any]:
     strategy = registry.create(
         spec.method, vit=backbone.vit, num_classes=info.num_classes, hparams=resolved["hparams"],
         device=device, eval_mb_size=options.eval_batch_size, evaluator=_evaluator(options.quiet),
-        plugins=[preds.plugin], precision=spec.precision)
+        plugins=[preds.plugin], precision=spec.precision, loader_workers=options.loader_workers)
     model = strategy.model
     cost = {
         "trainable_params": int(sum(p.numel() for _, p in model.added_parameters())),
