@@ -272,3 +272,23 @@ def test_cub200_missing_tree_and_missing_images(tmp_path):
     victim.unlink()
     with pytest.raises(DataNotFoundError, match=victim.name):
         load_cub200(tmp_path)
+
+
+# ---------------------------------------------------------------- writers at real resolutions
+
+
+def test_real_size_writers_make_real_shaped_photos(tmp_path):
+    from benchmarks import build_stream
+
+    root = write_imagenet_r(tmp_path, WNIDS[:2], per_class=4, real_size=True)
+    sizes = [Image.open(p).size for p in sorted(root.glob("n*/*.jpg"))]
+    assert len(sizes) == 8 and all(180 <= s < 640 for wh in sizes for s in wh)
+    assert len({round(w / h, 1) for w, h in sizes}) > 2  # varied aspect ratios
+    cub = write_cub200(tmp_path, num_classes=2, per_class=7, real_size=True)
+    ims = [Image.open(p) for p in sorted((cub / "images").glob("*/*.jpg"))]
+    assert all(max(im.size) == 500 and min(im.size) >= 250 for im in ims)
+    assert {im.mode for im in ims} == {"RGB", "L"}  # some grayscale, as in the real set
+    vit = dict(image_size=224, in_chans=3, augment="rrc_flip", eval_resize="resize_crop")
+    info = build_stream("cub200", data_root=tmp_path, seed=0, num_tasks=2, **vit)
+    for stream in (info.benchmark.train_stream, info.benchmark.test_stream):
+        assert stream[0].dataset[0][0].shape == (3, 224, 224)
