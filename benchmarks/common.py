@@ -1,4 +1,4 @@
-"""Shared pieces of the readers: the missing-data error, the two dataset kinds, hashing, caching.
+"""Shared pieces of the readers: the data errors, the two dataset kinds, hashing, caching.
 
 Readers return plain map-style datasets (``(x, y)`` samples, a ``.targets`` list of ints) that
 Avalanche wraps later in ``streams.py``; keeping them Avalanche-free lets a pretraining script or
@@ -37,6 +37,20 @@ class DataNotFoundError(FileNotFoundError):
 
     def __reduce__(self):  # keep it picklable across Ray / Slurm / worker processes
         return (type(self), (self.dataset, self.paths_tried, self.how_to_get))
+
+
+class DataError(ValueError):
+    """A data file is there but cannot be used (truncated, corrupt, the wrong format, or holding
+    something the suite refuses to load); the message names the file and what to do."""
+
+    def __init__(self, message: str):
+        # Raised in a DataLoader worker, torch re-raises it in the main process as
+        # DataError("Caught DataError in DataLoader worker ...\n<worker traceback>"); keep only
+        # the original message, so the user still reads one line naming the file.
+        marker = f"{type(self).__module__}.{type(self).__qualname__}: "
+        if message.startswith(f"Caught {type(self).__name__}") and marker in message:
+            message = message.split(marker, 1)[1].rstrip()
+        super().__init__(message)
 
 
 def resolve_data_root(data_root: str | os.PathLike | None) -> Path:
@@ -153,8 +167,18 @@ class ImageFileDataset(torch.utils.data.Dataset):
         return len(self.targets)
 
     def __getitem__(self, i: int):
-        with Image.open(os.path.join(self.root, self.relpaths[i])) as im:
-            img = im.convert("RGB")
+        path = os.path.join(self.root, self.relpaths[i])
+        try:
+            with Image.open(path) as im:
+                img = im.convert("RGB")
+        except FileNotFoundError:
+            raise DataError(f"{path}: image file vanished after the data set was read; "
+                            "restore it (re-extract the archive)") from None
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            # PIL raises UnidentifiedImageError / OSError("image file is truncated") / SyntaxError
+            # for broken headers: all mean the file on disk is damaged
+            raise DataError(f"{path}: cannot decode this image ({type(e).__name__}: {e}); the file is "
+                            "corrupt or truncated: re-extract it from the original archive") from None
         return img, self.targets[i]
 
     def subset(self, indices: Sequence[int]) -> "ImageFileDataset":

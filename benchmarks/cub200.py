@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .common import DataNotFoundError, ImageFileDataset, LoadedData, resolve_data_root, sha256_bytes
+from .common import DataError, DataNotFoundError, ImageFileDataset, LoadedData, resolve_data_root, sha256_bytes
 
 REQUIRED = ("images.txt", "image_class_labels.txt", "train_test_split.txt")
 HOW_TO_GET = (
@@ -37,15 +37,22 @@ def find_dir(data_root: str | os.PathLike | None) -> Path | None:
 def _read_pairs(path: Path) -> dict[int, str]:
     """``id value`` lines -> {id: value}; the value may contain spaces (it never does officially)."""
     out: dict[int, str] = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            parts = line.split(maxsplit=1)
-            if len(parts) != 2 or not parts[0].isdigit():
-                raise ValueError(f"{path}:{n}: expected '<id> <value>', got {line!r}")
-            out[int(parts[0])] = parts[1]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not a UTF-8 text file ({e}); it is damaged: re-extract CUB_200_2011.tgz") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e}); check its permissions or re-extract "
+                        "CUB_200_2011.tgz") from None
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        parts = line.split(maxsplit=1)
+        if len(parts) != 2 or not parts[0].isdigit():
+            raise DataError(f"{path}:{n}: expected '<id> <value>', got {line!r}; the file is damaged: "
+                            "re-extract CUB_200_2011.tgz")
+        out[int(parts[0])] = parts[1]
     return out
 
 
@@ -54,15 +61,19 @@ def load_cub200(data_root: str | os.PathLike | None = None) -> LoadedData:
     d = find_dir(data_root)
     if d is None:
         raise DataNotFoundError("CUB-200-2011", candidate_dirs(data_root), HOW_TO_GET)
-    raw = {f: (d / f).read_bytes() for f in REQUIRED}
     images = _read_pairs(d / "images.txt")
     labels = _read_pairs(d / "image_class_labels.txt")
     is_train = _read_pairs(d / "train_test_split.txt")
+    raw = {f: (d / f).read_bytes() for f in REQUIRED}  # readable: _read_pairs read them
+    bad = next((i for i, v in labels.items() if not v.strip().isdigit()), None)
+    if bad is not None:
+        raise DataError(f"{d / 'image_class_labels.txt'}: image {bad} has class {labels[bad]!r}, "
+                        "expected a class id; the file is damaged: re-extract CUB_200_2011.tgz")
     if not (images.keys() == labels.keys() == is_train.keys()):
-        raise ValueError(f"{d}: images.txt, image_class_labels.txt and train_test_split.txt list different image ids")
+        raise DataError(f"{d}: images.txt, image_class_labels.txt and train_test_split.txt list different image ids")
     label_ids = sorted({int(v) for v in labels.values()})
     if label_ids != list(range(1, len(label_ids) + 1)):
-        raise ValueError(f"{d / 'image_class_labels.txt'}: class ids are not 1..N")
+        raise DataError(f"{d / 'image_class_labels.txt'}: class ids are not 1..N")
 
     img_dir = d / "images"
     missing = [images[i] for i in sorted(images) if not (img_dir / images[i]).is_file()]
@@ -81,7 +92,7 @@ def load_cub200(data_root: str | os.PathLike | None = None) -> LoadedData:
     for i in sorted(images):
         flag = is_train[i].strip()
         if flag not in ("0", "1"):
-            raise ValueError(f"{d / 'train_test_split.txt'}: image {i} has flag {flag!r}, expected 0 or 1")
+            raise DataError(f"{d / 'train_test_split.txt'}: image {i} has flag {flag!r}, expected 0 or 1")
         rel, y = split["train" if flag == "1" else "test"]
         rel.append(images[i])
         y.append(int(labels[i]) - 1)

@@ -11,12 +11,13 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import zlib
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-from .common import (ArrayImageDataset, DataNotFoundError, LoadedData, file_stamp,
+from .common import (ArrayImageDataset, DataError, DataNotFoundError, LoadedData, file_stamp,
                      resolve_data_root, sha256_bytes)
 
 FILES = {
@@ -43,22 +44,35 @@ HOW_TO_GET = (
 
 
 def read_idx(path: str | os.PathLike, expected_magic: int) -> np.ndarray:
-    """Parse one IDX file (gzipped or not), checking its magic number and its length."""
+    """Parse one IDX file (gzipped or not), checking its magic number and its length; a file that
+    cannot be used is a ``DataError`` naming it."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    fix = ("replace it with a good copy (delete it and rerun with --download, or "
+           "apt-get install --reinstall dataset-fashion-mnist for the system copy)")
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:  # truncated or damaged gzip stream
+        raise DataError(f"{path}: cannot decompress ({type(e).__name__}: {e}); the file is truncated "
+                        f"or corrupt: {fix}") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e}); {fix}") from None
     if len(raw) < 4:
-        raise ValueError(f"{path}: not an IDX file (too short)")
+        raise DataError(f"{path}: not an IDX file (only {len(raw)} bytes); {fix}")
     (magic,) = struct.unpack(">I", raw[:4])
     if magic != expected_magic:
-        raise ValueError(f"{path}: IDX magic number {magic}, expected {expected_magic}")
+        raise DataError(f"{path}: IDX magic number {magic}, expected {expected_magic}: not the "
+                        f"{'images' if expected_magic == IMAGES_MAGIC else 'labels'} file it is named as; {fix}")
     ndim = magic & 0xFF
-    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
     offset = 4 + 4 * ndim
+    if len(raw) < offset:
+        raise DataError(f"{path}: IDX header cut short ({len(raw)} bytes); {fix}")
+    dims = struct.unpack(f">{ndim}I", raw[4:offset])
     n = int(np.prod(dims))
     if len(raw) - offset != n:
-        raise ValueError(f"{path}: header says {dims} ({n} bytes) but {len(raw) - offset} bytes follow")
+        raise DataError(f"{path}: header says {dims} ({n} bytes) but {len(raw) - offset} bytes follow; "
+                        f"the file is truncated or corrupt: {fix}")
     return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(dims).copy()
 
 
@@ -104,7 +118,9 @@ def _load_arrays(stamp: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.n
     yte = read_idx(paths["test_labels"], LABELS_MAGIC)
     for x, y, name in ((xtr, ytr, "train"), (xte, yte, "test")):
         if len(x) != len(y):
-            raise ValueError(f"Fashion-MNIST {name}: {len(x)} images but {len(y)} labels")
+            raise DataError(f"Fashion-MNIST {name}: {len(x)} images in {paths[name + '_images']} but "
+                            f"{len(y)} labels in {paths[name + '_labels']}; one of them is from another "
+                            "copy or damaged: get both again")
     # content hash, so the same data gzipped or not, here or in /usr/share, hashes the same
     fp = sha256_bytes(b"fashion_mnist", xtr.data, ytr.data, xte.data, yte.data)
     return xtr, ytr, xte, yte, fp

@@ -18,13 +18,13 @@ from .cifar100 import load_cifar100
 from .common import ArrayImageDataset, LoadedData, sha256_bytes
 from .cub200 import load_cub200
 from .fashion_mnist import load_fashion_mnist
-from .imagenet_r import load_imagenet_r
+from .imagenet_r import SPLITS, load_imagenet_r
 from .transforms import AUGMENTS, EVAL_RESIZES, build_transforms, needs_geometry
 
 DATASETS: dict[str, str] = {
     "fashion_mnist": "Fashion-MNIST: 10 clothing classes, 28x28 grayscale, official 60,000/10,000 split (IDX gz files)",
     "cifar100": "CIFAR-100: 100 classes, 32x32 RGB, official 50,000/10,000 split (cifar-100-python pickles)",
-    "imagenet_r": "ImageNet-R: 200 ImageNet classes as renditions (art, cartoons, ...), suite's 80/20 per-class split or a split file",
+    "imagenet_r": "ImageNet-R: 200 ImageNet classes as renditions (art, cartoons, ...), the CODA-Prompt code's 80/20 split (default), the suite's stratified one or a split file",
     "cub200": "CUB-200-2011: 200 bird species, official train_test_split.txt (5,994/5,794)",
 }
 CLASS_ORDERS = ("shuffled", "natural")
@@ -98,18 +98,18 @@ class StreamInfo:
     num_test: int = 0
     location: str = ""                  # folder the data was read from
     split_path: str | None = None       # ImageNet-R: split list used
+    split: str | None = None            # ImageNet-R: "coda" | "stratified" | "file"
+    split_hash: str | None = None       # ImageNet-R: hash of the split used (lists + label order)
     notes: list[str] = field(default_factory=list)
 
 
-def _load(dataset: str, data_root, split_file, download) -> LoadedData:
-    if split_file is not None and dataset != "imagenet_r":
-        raise ValueError(f"split_file is only used by imagenet_r, not {dataset!r}")
+def _load(dataset: str, data_root, split, split_file, download) -> LoadedData:
     if dataset == "fashion_mnist":
         return load_fashion_mnist(data_root, download=download)
     if dataset == "cifar100":
         return load_cifar100(data_root)
     if dataset == "imagenet_r":
-        return load_imagenet_r(data_root, split_file=split_file)
+        return load_imagenet_r(data_root, split=split or "coda", split_file=split_file)
     if dataset == "cub200":
         return load_cub200(data_root)
     raise ValueError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}")
@@ -130,12 +130,14 @@ def build_stream(dataset: str, *, data_root: str | os.PathLike | None = None, se
                  num_tasks: int, class_order: str = "shuffled", image_size: int, in_chans: int,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  augment: str = "none", eval_resize: str = "resize",
-                 subsample: Mapping[str, Any] | None = None, split_file: str | os.PathLike | None = None,
-                 download: bool = False) -> StreamInfo:
+                 subsample: Mapping[str, Any] | None = None, split: str | None = None,
+                 split_file: str | os.PathLike | None = None, download: bool = False) -> StreamInfo:
     """Class-incremental train / test streams of ``dataset`` for one seed.
 
     ``mean`` / ``std`` default to 0 / 1 (no normalisation). ``subsample`` keys left out or None
-    keep that split whole. Labels stay the original class ids (not remapped to the order).
+    keep that split whole. Labels stay the reader's class ids (not remapped to the order); for
+    ImageNet-R they follow the split's label order. ``split`` (``coda``, the default, or
+    ``stratified``) and ``split_file`` choose ImageNet-R's split (``benchmarks.imagenet_r``).
     """
     # argument errors before any disk work
     if dataset not in DATASETS:
@@ -146,8 +148,14 @@ def build_stream(dataset: str, *, data_root: str | os.PathLike | None = None, se
         raise ValueError(f"augment must be one of {AUGMENTS}, got {augment!r}")
     if eval_resize not in EVAL_RESIZES:
         raise ValueError(f"eval_resize must be one of {EVAL_RESIZES}, got {eval_resize!r}")
+    if dataset != "imagenet_r" and (split is not None or split_file is not None):
+        raise ValueError(f"split and split_file are only used by imagenet_r, not {dataset!r}")
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"ImageNet-R split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if split is not None and split_file is not None:
+        raise ValueError("give an ImageNet-R split or a split_file, not both")
     sub = _parse_subsample(subsample)
-    data = _load(dataset, data_root, split_file, download)
+    data = _load(dataset, data_root, split, split_file, download)
     train, test = data.train, data.test
 
     if isinstance(train, ArrayImageDataset):
@@ -182,11 +190,14 @@ def build_stream(dataset: str, *, data_root: str | os.PathLike | None = None, se
         "dataset": dataset, "files_and_split": data.fingerprint,
         "subsample": sub, "subsample_seed": SUBSAMPLE_SEED,
     }, sort_keys=True).encode())
+    imagenet = dataset == "imagenet_r"
     return StreamInfo(
         benchmark=benchmark, class_order=order, classes_per_task=chunks, num_classes=num_classes,
         data_hash=data_hash, dataset=dataset, class_names=data.class_names,
         num_train=len(train), num_test=len(test), location=data.location,
-        split_path=data.split_path, notes=list(data.notes),
+        split_path=data.split_path,
+        split=("file" if split_file is not None else split or "coda") if imagenet else None,
+        split_hash=data.fingerprint if imagenet else None, notes=list(data.notes),
     )
 
 

@@ -5,15 +5,18 @@ Weights are read from files (never fetched at test time): `<weights_dir>/<file>`
 backbones (default `pretrained/`), and the shipped `methods/weights/tiny_fmnist.pt` for `tiny`.
 `allow_download=True` lets the two supervised backbones come from the timm hub instead.
 
-Loading is strict: a checkpoint whose keys do not match the architecture raises `BackboneError`
-listing the missing and unexpected keys, instead of loading half-empty as some reference code
-does. Classifier heads of the source checkpoints (`head.*`) are dropped on purpose: every method
+Loading is safe and strict: a checkpoint is read only with `torch.load(weights_only=True)` or as
+safetensors, so a file can never run code; one that cannot be read that way (refused, truncated, not
+a checkpoint) and one whose keys do not match the architecture raise `BackboneError` naming the file
+and what to do (the missing and unexpected keys for a mismatch), instead of loading half-empty as
+some reference code does. Classifier heads of the source checkpoints (`head.*`) are dropped on purpose: every method
 trains its own head.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -31,7 +34,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class BackboneError(RuntimeError):
-    """A backbone cannot be built: unknown name, missing file or mismatching checkpoint."""
+    """A backbone cannot be built: unknown name, missing, unreadable or mismatching checkpoint."""
 
 
 def _drop_heads(sd: dict) -> dict:
@@ -156,11 +159,37 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _read_checkpoint(path: Path) -> dict:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
+def _unreadable(path: Path, detail: str, again: str) -> BackboneError:
+    return BackboneError(f"checkpoint {path}: cannot be read ({detail}); the file is truncated or not "
+                         f"a PyTorch / safetensors checkpoint: {again}")
+
+
+def _read_checkpoint(path: Path, how_to_get: str = "") -> dict:
+    """The checkpoint's dict, read safely (`weights_only=True` or safetensors); any file that cannot
+    be read so is one `BackboneError` naming it."""
+    again = f"download it again ({how_to_get})" if how_to_get else "download it again"
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # weights_only names the global it refused ("GLOBAL posix.system"); garbage is an "operand"
+        if "GLOBAL " in str(e):
+            raise BackboneError(
+                f"checkpoint {path}: refused: it holds Python objects besides tensors and plain "
+                "containers, and the suite loads checkpoints only with torch.load(weights_only=True) "
+                "(unpickling anything else could run code). If you trust the file, re-save just its "
+                "tensors (torch.save(state_dict, ...) or safetensors) and point --weights-dir at that; "
+                f"otherwise {again}") from None
+        raise _unreadable(path, "UnpicklingError: not a pickle torch can read", again) from None
+    except Exception as e:  # noqa: BLE001 - whatever a damaged file makes torch / safetensors raise
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise _unreadable(path, type(e).__name__ + (f": {first}" if first else ""), again) from None
+    if not isinstance(sd, dict):
+        raise BackboneError(f"checkpoint {path}: holds a {type(sd).__name__}, not a state dict; {again}")
+    return sd
 
 
 def load_strict(vit: VisionTransformer, sd: dict, source: str) -> None:
@@ -204,7 +233,12 @@ def load(name: str, weights_dir: str | None = None, random_init: bool = False,
     path, tried = find_weights(name, weights_dir)
     if path is not None:
         vit = build_architecture(name)
-        load_strict(vit, spec.convert(_read_checkpoint(path)), str(path))
+        sd = spec.convert(_read_checkpoint(path, spec.download_hint))
+        odd = sorted(k for k, v in sd.items() if not isinstance(v, torch.Tensor))
+        if odd:
+            raise BackboneError(f"checkpoint {path}: entries {odd[:5]} are not tensors; it is not a "
+                                f"{spec.description} checkpoint: {spec.download_hint}")
+        load_strict(vit, sd, str(path))
         return Backbone(name, PromptedViT(vit), spec, sha256_file(path), str(path))
     if allow_download and spec.timm_name:
         hub = timm.create_model(spec.timm_name, pretrained=True, num_classes=0)

@@ -8,7 +8,11 @@ What it fixes for every method alike (the fairness rules of DESIGN.md):
   id); the choice is the CODA / VQ / SMoPE convention and applies to every method;
 - one optimizer family and one per-iteration cosine schedule, configured by `Hparams`;
 - per-task stages through two hooks, `task_start()` (before the optimizer is built: freeze or
-  initialise prompts) and `task_end()` (after training: statistics, alignment, counters).
+  initialise prompts) and `task_end()` (after training: statistics, alignment, counters);
+- one data pipeline: every DataLoader (training, evaluation, the stages' `loader()`) comes from
+  `methods.loading.make_loader`, with `loader_workers` processes, pinned memory and non-blocking
+  copies on CUDA, persistent workers across a task's epochs, and batches that do not depend on
+  the worker count.
 
 A method subclasses `PromptStrategy`, defines `Hparams` (a dataclass extending the base one),
 `DEFAULTS` (per-protocol overrides of the hparams), `build_model()`, and the hooks it needs.
@@ -26,8 +30,7 @@ from avalanche.evaluation.metrics import accuracy_metrics
 from avalanche.training.plugins import EvaluationPlugin
 from avalanche.training.templates import SupervisedTemplate
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
-
+from .loading import default_loader_workers, make_loader
 from .vit import PromptedViT
 
 
@@ -135,10 +138,16 @@ class PromptStrategy(SupervisedTemplate):
                  device: str | torch.device = "cpu", eval_mb_size: int = 256,
                  evaluator: EvaluationPlugin | None = None, plugins: list | None = None,
                  precision: str = "fp32", num_tasks: int | None = None,
-                 classes_per_task: list[int] | None = None):
+                 classes_per_task: list[int] | None = None, loader_workers: int | None = None):
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+        if loader_workers is not None and (isinstance(loader_workers, bool) or int(loader_workers) != loader_workers
+                                           or loader_workers < 0):
+            raise ValueError(f"loader_workers must be a non-negative integer, got {loader_workers!r}")
         self.precision = precision
+        # DataLoader processes (None: by device, see methods.loading); results never depend on it
+        self.loader_workers = default_loader_workers(device) if loader_workers is None else int(loader_workers)
+        self.pin_memory = torch.device(device).type == "cuda"
         if isinstance(hparams, self.Hparams):
             hp = hparams
         else:
@@ -327,16 +336,31 @@ class PromptStrategy(SupervisedTemplate):
         self.model.train(training)
         return self.model(x)
 
-    # ------------------------------------------------------------------ helpers for stages
+    # ------------------------------------------------------------------ data loading
+    def make_train_dataloader(self, shuffle: bool = True, drop_last: bool = False, **kwargs):
+        """The task's training loader (replaces Avalanche's TaskBalancedDataLoader, which for the
+        suite's single-task-label streams is a plain shuffled loader with the same draws), kept
+        with its workers for all the task's epochs."""
+        self.dataloader = make_loader(
+            self.adapted_dataset, batch_size=self.train_mb_size, shuffle=shuffle, drop_last=drop_last,
+            workers=self.loader_workers, pin_memory=self.pin_memory, persistent=self.train_epochs > 1,
+            collate_fn=self.adapted_dataset.collate_fn)
+
+    def make_eval_dataloader(self, **kwargs):
+        self.dataloader = make_loader(
+            self.adapted_dataset, batch_size=self.eval_mb_size, workers=self.loader_workers,
+            pin_memory=self.pin_memory, collate_fn=self.adapted_dataset.collate_fn)
+
     def loader(self, dataset, *, train_transform: bool = False, batch_size: int | None = None,
                shuffle: bool = False, drop_last: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
         """Iterate (x, y) on the device over an Avalanche dataset, with its train or eval
         transforms (statistics passes, frequency counting)."""
         ds = dataset.train() if train_transform else dataset.eval()
-        dl = DataLoader(ds, batch_size=batch_size or self.eval_mb_size, shuffle=shuffle,
-                        drop_last=drop_last, num_workers=0)
+        dl = make_loader(ds, batch_size=batch_size or self.eval_mb_size, shuffle=shuffle,
+                         drop_last=drop_last, workers=self.loader_workers, pin_memory=self.pin_memory)
         for batch in dl:
-            yield batch[0].to(self.device), batch[1].to(self.device)
+            yield (batch[0].to(self.device, non_blocking=self.pin_memory),
+                   batch[1].to(self.device, non_blocking=self.pin_memory))
 
     def hparams_dict(self) -> dict[str, Any]:
         return asdict(self.hp)

@@ -66,6 +66,7 @@ class RunOptions:
     allow_download: bool = False
     random_init: bool = False  # backbone without weights: tests, cost and dry runs (sha256 says so)
     threads: int | None = None  # torch CPU threads for this run (None: torch's default)
+    loader_workers: int | None = None  # DataLoader worker processes (None: by device, methods.loading)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -240,7 +241,8 @@ def run(spec: RunSpec, options: RunOptions = RunOptions()) -> dict[str, Any]:
         num_tasks=protocol.num_tasks, class_order=protocol.class_order,
         image_size=bspec.image_size, in_chans=bspec.in_chans, mean=mean, std=std,
         augment=protocol.augment, eval_resize=protocol.eval_resize,
-        subsample=protocol.subsample, split_file=protocol.split_file, download=options.download)
+        subsample=protocol.subsample, split=protocol.split, split_file=protocol.split_file,
+        download=options.download)
     bm = info.benchmark
 
     RNGManager.set_random_seeds(spec.seed)
@@ -249,7 +251,7 @@ def run(spec: RunSpec, options: RunOptions = RunOptions()) -> dict[str, Any]:
         spec.method, vit=backbone.vit, num_classes=info.num_classes, hparams=resolved["hparams"],
         device=device, eval_mb_size=options.eval_batch_size, evaluator=_evaluator(options.quiet),
         plugins=[preds.plugin], precision=spec.precision, num_tasks=protocol.num_tasks,
-        classes_per_task=protocol.classes_per_task)
+        classes_per_task=protocol.classes_per_task, loader_workers=options.loader_workers)
 
     T = protocol.num_tasks
     acc: list[list[float | None]] = [[None] * T for _ in range(T)]
@@ -280,6 +282,7 @@ def run(spec: RunSpec, options: RunOptions = RunOptions()) -> dict[str, Any]:
                     "total_s": round(time.time() - start, 3)},
         "versions": versions(), "backbone_sha256": backbone.sha256, "backbone_source": backbone.source,
         "device": dev, "data_hash": info.data_hash, "eval_batch_size": options.eval_batch_size,
+        **({"split": {"name": info.split, "sha256": info.split_hash}} if info.split else {}),
         "threads": torch.get_num_threads(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

@@ -8,7 +8,8 @@ Keys:
   name, description, dataset (fashion_mnist | cifar100 | imagenet_r | cub200), num_tasks,
   class_order (shuffled | natural), augment (none | rrc_flip), eval_resize (resize | resize_crop),
   normalize (none | backbone), subsample ({train_per_class, test_per_class} or null),
-  split_file (ImageNet-R only, or null), backbones (default backbones, first = default),
+  split (ImageNet-R only: coda, the default, | stratified; see benchmarks/imagenet_r.py),
+  split_file (ImageNet-R only, or null; replaces split), backbones (default backbones, first = default),
   methods ({method: {hparam: value}}: protocol-level overrides of the methods' defaults),
   ablations ({name: {method: m, variants: ladder | {label: {hparam: value}}}}: sweeps that the
   leaderboard renders as their own table; `ladder` takes the method's own `ABLATION` list).
@@ -22,7 +23,7 @@ from typing import Any
 import yaml
 
 from benchmarks import DATASET_FACTS, classes_per_exp
-from benchmarks.streams import CLASS_ORDERS
+from benchmarks.streams import CLASS_ORDERS, SPLITS
 from benchmarks.transforms import AUGMENTS, EVAL_RESIZES
 
 PROTOCOL_DIR = Path(__file__).resolve().parent
@@ -34,11 +35,12 @@ _CHOICES = {
     "augment": AUGMENTS,
     "eval_resize": EVAL_RESIZES,
     "normalize": ("none", "backbone"),
+    "split": SPLITS,
 }
 _TYPES: dict[str, tuple[type, ...]] = {
     "name": (str,), "description": (str,), "dataset": (str,), "num_tasks": (int,),
     "class_order": (str,), "augment": (str,), "eval_resize": (str,), "normalize": (str,),
-    "subsample": (dict, type(None)), "split_file": (str, type(None)), "backbones": (list,),
+    "subsample": (dict, type(None)), "split": (str,), "split_file": (str, type(None)), "backbones": (list,),
     "methods": (dict,), "ablations": (dict,),
 }
 _REQUIRED = ("name", "dataset", "num_tasks")
@@ -65,6 +67,7 @@ class Protocol:
     eval_resize: str = "resize"
     normalize: str = "none"
     subsample: dict[str, int] | None = None
+    split: str | None = None  # ImageNet-R: "coda" unless split_file is set; None for other data
     split_file: str | None = None
     backbones: tuple[str, ...] = ()
     methods: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -86,10 +89,14 @@ class Protocol:
         return Path(self.path).resolve() == (PROTOCOL_DIR / f"{self.name}.yaml").resolve()
 
     def data_spec(self) -> dict[str, Any]:
-        """The part of the protocol that defines the data and its stream (goes in the run key)."""
-        return {k: getattr(self, k) for k in (
+        """The part of the protocol that defines the data and its stream (goes in the run key).
+        `split` only for ImageNet-R, so the keys of the other data sets stay what they were."""
+        spec = {k: getattr(self, k) for k in (
             "name", "dataset", "num_tasks", "class_order", "augment", "eval_resize", "normalize",
             "subsample", "split_file")}
+        if self.dataset == "imagenet_r":
+            spec["split"] = self.split
+        return spec
 
 
 def available() -> list[str]:
@@ -129,8 +136,11 @@ def validate(raw: Any, where: str) -> Protocol:
         for k, v in sub.items():
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 _fail(where, f"subsample.{k} must be a positive integer or null, got {v!r}")
-    if raw.get("split_file") and raw["dataset"] != "imagenet_r":
-        _fail(where, "split_file is only used by the imagenet_r dataset")
+    for key in ("split", "split_file"):
+        if raw.get(key) and raw["dataset"] != "imagenet_r":
+            _fail(where, f"{key} is only used by the imagenet_r dataset")
+    if raw.get("split") and raw.get("split_file"):
+        _fail(where, "give split (a named split) or split_file (your own list), not both")
     for b in raw.get("backbones", []):
         if not isinstance(b, str):
             _fail(where, f"backbones must be a list of names, got {b!r}")
@@ -147,6 +157,8 @@ def validate(raw: Any, where: str) -> Protocol:
             _fail(where, f"ablations.{name}.variants must be 'ladder' or a mapping label -> overrides")
         ablations[name] = Ablation(method=ab["method"], variants=variants)
     fields = {k: v for k, v in raw.items() if k not in ("ablations", "backbones")}
+    if raw["dataset"] == "imagenet_r" and not raw.get("split_file"):
+        fields.setdefault("split", "coda")
     return Protocol(**fields, backbones=tuple(raw.get("backbones", [])), ablations=ablations, path=where)
 
 

@@ -165,7 +165,7 @@ def _split_lines(path: Path) -> list[str]:
 
 def test_imagenet_r_writes_a_stratified_split_and_reuses_it(tmp_path, monkeypatch):
     root = write_imagenet_r(tmp_path, WNIDS, per_class=(10, 7, 12))
-    d = load_imagenet_r(tmp_path)
+    d = load_imagenet_r(tmp_path, split="stratified")
     split = root / "promptcl_split.txt"
     assert d.split_path == str(split) and split.is_file() and d.class_names == list(WNIDS)
     lines = _split_lines(split)
@@ -176,13 +176,14 @@ def test_imagenet_r_writes_a_stratified_split_and_reuses_it(tmp_path, monkeypatc
     assert np.bincount(d.train.targets).tolist() == [8, 6, 10]
     assert not set(d.train.relpaths) & set(d.test.relpaths)
     assert all(p.split("/")[0] == WNIDS[y] for p, y in zip(d.train.relpaths, d.train.targets))
-    assert d.fingerprint == sha256_lines(sorted(lines))
+    assert d.fingerprint == imagenet_r.split_hash(imagenet_r.read_split(split), list(WNIDS))
+    assert d.fingerprint == sha256_lines(sorted(lines) + [f"label\t{i}\t{w}" for i, w in enumerate(WNIDS)])
     img, _ = d.test[0]
     assert isinstance(img, Image.Image) and img.mode == "RGB"
 
     monkeypatch.setattr(imagenet_r, "make_split", lambda *_: pytest.fail("split rebuilt instead of reused"))
     before = split.read_bytes()
-    again = load_imagenet_r(tmp_path)
+    again = load_imagenet_r(tmp_path, split="stratified")
     assert split.read_bytes() == before and again.fingerprint == d.fingerprint
     assert again.test.relpaths == d.test.relpaths
 
@@ -190,7 +191,7 @@ def test_imagenet_r_writes_a_stratified_split_and_reuses_it(tmp_path, monkeypatc
 def test_imagenet_r_split_is_fixed_not_path_dependent(tmp_path):
     write_imagenet_r(tmp_path / "a", WNIDS, per_class=9)
     write_imagenet_r(tmp_path / "b", WNIDS, per_class=9)
-    a, b = load_imagenet_r(tmp_path / "a"), load_imagenet_r(tmp_path / "b")
+    a, b = load_imagenet_r(tmp_path / "a", split="stratified"), load_imagenet_r(tmp_path / "b", split="stratified")
     assert a.test.relpaths == b.test.relpaths and a.fingerprint == b.fingerprint
 
 
@@ -232,9 +233,10 @@ def test_imagenet_r_read_only_folder_writes_to_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("PROMPTCL_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(imagenet_r, "_writable", lambda d: False)  # tests may run as root
     with pytest.warns(UserWarning, match="not writable"):
-        d = load_imagenet_r(tmp_path / "data")
+        d = load_imagenet_r(tmp_path / "data", split="stratified")
     assert d.split_path.startswith(str(tmp_path / "cache")) and not (root / "promptcl_split.txt").exists()
-    assert d.notes and load_imagenet_r(tmp_path / "data").split_path == d.split_path  # reused from cache
+    again = load_imagenet_r(tmp_path / "data", split="stratified")
+    assert d.notes and again.split_path == d.split_path  # reused from cache
 
 
 def test_imagenet_r_missing(tmp_path):
@@ -270,3 +272,23 @@ def test_cub200_missing_tree_and_missing_images(tmp_path):
     victim.unlink()
     with pytest.raises(DataNotFoundError, match=victim.name):
         load_cub200(tmp_path)
+
+
+# ---------------------------------------------------------------- writers at real resolutions
+
+
+def test_real_size_writers_make_real_shaped_photos(tmp_path):
+    from benchmarks import build_stream
+
+    root = write_imagenet_r(tmp_path, WNIDS[:2], per_class=4, real_size=True)
+    sizes = [Image.open(p).size for p in sorted(root.glob("n*/*.jpg"))]
+    assert len(sizes) == 8 and all(180 <= s < 640 for wh in sizes for s in wh)
+    assert len({round(w / h, 1) for w, h in sizes}) > 2  # varied aspect ratios
+    cub = write_cub200(tmp_path, num_classes=2, per_class=7, real_size=True)
+    ims = [Image.open(p) for p in sorted((cub / "images").glob("*/*.jpg"))]
+    assert all(max(im.size) == 500 and min(im.size) >= 250 for im in ims)
+    assert {im.mode for im in ims} == {"RGB", "L"}  # some grayscale, as in the real set
+    vit = dict(image_size=224, in_chans=3, augment="rrc_flip", eval_resize="resize_crop")
+    info = build_stream("cub200", data_root=tmp_path, seed=0, num_tasks=2, **vit)
+    for stream in (info.benchmark.train_stream, info.benchmark.test_stream):
+        assert stream[0].dataset[0][0].shape == (3, 224, 224)

@@ -148,9 +148,10 @@ def test_imagenet_r_and_cub_streams_with_vit_transforms(tmp_path):
     write_cub200(tmp_path, num_classes=6, per_class=4)
     vit = dict(image_size=24, in_chans=3, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
                augment="rrc_flip", eval_resize="resize_crop")
-    r = build_stream("imagenet_r", data_root=tmp_path, seed=0, num_tasks=3, **vit)
+    r = build_stream("imagenet_r", data_root=tmp_path, seed=0, num_tasks=3, split="stratified", **vit)
     _check_stream(r, 3)
-    assert r.data_hash == imagenet_r.split_hash(imagenet_r.read_split(r.split_path))
+    assert r.split == "stratified"
+    assert r.data_hash == r.split_hash == imagenet_r.split_hash(imagenet_r.read_split(r.split_path), wnids)
     c = build_stream("cub200", data_root=tmp_path, seed=0, num_tasks=3, **vit)
     _check_stream(c, 3)
     x, _ = c.benchmark.train_stream[0].dataset[0]
@@ -179,6 +180,12 @@ def test_build_stream_errors(fmnist_root, tmp_path):
         build_stream("mnist", num_tasks=5, **TINY)
     with pytest.raises(ValueError, match="split_file"):
         build_stream("fashion_mnist", data_root=fmnist_root, num_tasks=5, split_file="x.txt", **TINY)
+    with pytest.raises(ValueError, match="only used by imagenet_r"):
+        build_stream("cifar100", data_root=fmnist_root, num_tasks=5, split="coda", **TINY)
+    with pytest.raises(ValueError, match="coda, stratified"):
+        build_stream("imagenet_r", data_root=fmnist_root, num_tasks=5, split="random", **TINY)
+    with pytest.raises(ValueError, match="not both"):
+        build_stream("imagenet_r", data_root=fmnist_root, num_tasks=5, split="coda", split_file="x", **TINY)
     with pytest.raises(ValueError, match="subsample"):
         build_stream("fashion_mnist", data_root=fmnist_root, num_tasks=5, subsample={"train": 3}, **TINY)
     with pytest.raises(ValueError, match="rrc_flip"):
