@@ -78,9 +78,9 @@ def test_papers_yaml_is_package_data_and_loads(papers):
 
 
 def test_ablation_rungs_are_the_suites_labels(papers):
-    from methods.smope import ABLATION  # the suite's own ladder: the labels must match exactly
+    from methods.smope import SMoPE  # the suite's own ladder: the labels must match exactly
     rungs = [e for e in papers["results"] if e["table"] == "ablation:smope"]
-    assert [e["label"] for e in rungs] == LADDER == [label for label, _ in ABLATION]
+    assert [e["label"] for e in rungs] == LADDER == [label for label, _ in SMoPE.ABLATION]
     assert all((e["protocol"], e["backbone"]) == ("cub200-10t", "sup21k") for e in rungs)
     assert (rungs[0]["faa"]["mean"], rungs[-1]["caa"]["mean"]) == (75.23, 91.11)
 
