@@ -31,6 +31,10 @@ EXECUTORS = ("local", "processes", "ray", "slurm")
 FAILURE_MODES = ("raise", "yield")
 
 
+class ExecutorError(Exception):
+    """The executor asked for cannot run here (its package is missing): the user can fix it."""
+
+
 @dataclass(frozen=True)
 class RunFailure:
     """A run that raised: what the driver stores as a failed run. Picklable, so it crosses
@@ -63,8 +67,8 @@ def _portable(spec: RunSpec, options: RunOptions, threads: int) -> tuple[RunSpec
     working directory is not the driver's) and the torch thread count made explicit."""
     protocol = spec.protocol
     if Path(protocol).suffix:  # a YAML file rather than a shipped protocol name
-        protocol = str(Path(protocol).resolve())
-    absolute = {k: str(Path(v).resolve()) for k in ("data_root", "weights_dir")
+        protocol = str(Path(protocol).expanduser().resolve())
+    absolute = {k: str(Path(v).expanduser().resolve()) for k in ("data_root", "weights_dir")
                 if (v := getattr(options, k)) is not None}
     return (replace(spec, protocol=protocol),
             replace(options, threads=options.threads or threads, **absolute))
@@ -91,7 +95,8 @@ def _run_caught(spec: RunSpec, options: RunOptions, plugins: Sequence[str] = (),
 
 def _plugin_paths(plugins: Sequence[str]) -> list[str]:
     """A plugin file as an absolute path (workers run elsewhere); a module name as it is."""
-    return [str(Path(p).resolve()) if p.endswith(".py") else p for p in plugins]
+    return [str(Path(p).expanduser().resolve())
+            if p.endswith(".py") or Path(p).is_file() else p for p in plugins]
 
 
 def run_local(specs: Iterable[RunSpec], options: RunOptions) -> Iterator[tuple[RunSpec, Outcome]]:
@@ -201,7 +206,7 @@ def run_ray(specs: Iterable[RunSpec], options: RunOptions, *, address: str | Non
     try:
         import ray
     except ImportError:
-        raise RuntimeError("the Ray executor needs Ray: pip install 'promptcl[ray]'") from None
+        raise ExecutorError("--executor ray needs Ray: pip install 'promptcl[ray]'") from None
     _check_gpus(options.device, gpus_per_run)
     specs = list(specs)
     started = not ray.is_initialized()
@@ -248,8 +253,8 @@ def slurm_parameters(options: RunOptions, *, gpus_per_run: int | None = None,
     and 1 for a CPU job."""
     _check_gpus(options.device, gpus_per_run)
     gpus = (1 if gpus_per_run is None else int(gpus_per_run)) if _wants_gpu(options.device) else 0
-    params: dict[str, Any] = {"timeout_min": timeout_min,
-                              "cpus_per_task": cpus_per_run or options.threads or (8 if gpus else 1)}
+    cpus = cpus_per_run or options.threads or (8 if gpus else 1)
+    params: dict[str, Any] = {"timeout_min": timeout_min, "cpus_per_task": cpus}
     if gpus:
         params["gpus_per_node"] = gpus
     if partition:
@@ -263,7 +268,8 @@ def slurm_executor(folder: str, parameters: dict[str, Any], cluster: str | None 
     try:
         import submitit
     except ImportError:
-        raise RuntimeError("the Slurm executor needs submitit: pip install 'promptcl[slurm]'") from None
+        raise ExecutorError(
+            "--executor slurm needs submitit: pip install 'promptcl[slurm]'") from None
     executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
     executor.update_parameters(**parameters)
     return executor
@@ -303,7 +309,8 @@ def run_slurm(specs: Iterable[RunSpec], options: RunOptions, *, folder: str = "r
                 job.cancel(check=False)
 
 
-def _raise_first_failure(outcomes: Iterator[tuple[RunSpec, Outcome]]) -> Iterator[tuple[RunSpec, dict]]:
+def _raise_first_failure(outcomes: Iterator[tuple[RunSpec, Outcome]]
+                         ) -> Iterator[tuple[RunSpec, dict[str, Any]]]:
     with closing(outcomes):  # stops the executor's workers before the failure propagates
         for spec, outcome in outcomes:
             if isinstance(outcome, RunFailure):

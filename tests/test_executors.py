@@ -108,8 +108,8 @@ def test_ctrl_c_in_the_driver_stops_every_worker(env):
             except KeyboardInterrupt:
                 sys.exit(130)
     """))
-    proc = subprocess.Popen([sys.executable, str(driver)], cwd=REPO,
-                            env={**os.environ, "STALL_DIR": str(stall_dir), "PYTHONPATH": str(REPO)})
+    env = {**os.environ, "STALL_DIR": str(stall_dir), "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, str(driver)], cwd=REPO, env=env)
     workers: list[int] = []
     try:
         deadline = time.time() + 300
@@ -157,6 +157,15 @@ def test_default_workers_follow_cpus_threads_and_runs():
     with pytest.raises(ValueError, match="--workers 0"):
         list(executors.run_processes([RunSpec("fmnist-5t", "tiny", "head_only", 0)],
                                      RunOptions(), workers=0))
+
+
+def test_a_missing_executor_package_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now fails as if not installed
+    monkeypatch.setitem(sys.modules, "submitit", None)
+    with pytest.raises(executors.ExecutorError, match=r"pip install 'promptcl\[ray\]'"):
+        list(executors.run_ray([], RunOptions()))
+    with pytest.raises(executors.ExecutorError, match=r"pip install 'promptcl\[slurm\]'"):
+        list(executors.run_slurm([], RunOptions(device="cpu")))
 
 
 def test_slurm_resources_follow_the_device(tmp_path, monkeypatch):
