@@ -38,8 +38,14 @@ def _split(value: str | None) -> list[str]:
     return [v.strip() for v in (value or "").split(",") if v.strip()]
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """One line, as every other error the user can fix (argparse prints the usage too)."""
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
+    ap = _Parser(
         prog="run_suite.py", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     what = ap.add_argument_group("what to run")
@@ -78,8 +84,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     how.add_argument("--quiet", action="store_true", help="no progress bars, only result lines")
     how.add_argument("--verbose", action="store_true", help="Avalanche's per-experience logs too")
     how.add_argument("--no-render", action="store_true", help="do not rewrite the leaderboard")
+    how.add_argument("--workers", type=int, default=None,
+                     help="local runs in N worker processes of --threads (default 1) torch threads "
+                          "each (default: as many as the CPUs hold; 1 = in this process)")
+    how.add_argument("--loader-workers", type=int, default=None,
+                     help="DataLoader worker processes per run (default: 0 on CPU, up to 8 on CUDA); "
+                          "results never depend on it")
     how.add_argument("--executor", choices=["local", "ray", "slurm"], default="local",
                      help="where runs execute; only this driver writes the store")
+    how.add_argument("--gpus-per-run", type=float, default=None,
+                     help="GPUs a Ray task or Slurm job asks for (default: 1 unless --device cpu)")
     how.add_argument("--address", default=None, help="Ray cluster address (with --executor ray)")
     how.add_argument("--slurm-partition", default=None)
     how.add_argument("--slurm-timeout-min", type=int, default=720)
@@ -130,11 +144,11 @@ def render_leaderboard(args) -> None:
 
 def cmd_publish(args) -> None:
     from leaderboard.records import publish
-    from leaderboard.store import RunStore
+    from leaderboard.store import RunStore, StoreError
 
     path = args.publish or args.store
     if not Path(path).is_file():
-        raise FileNotFoundError(f"no run store at {path}: nothing to publish")
+        raise StoreError(f"no run store at {path}: nothing to publish")
     res = publish(RunStore(path).records(), _records_dir(args), source=str(path))
     print(f"published {len(res.added)} new run(s) to {_records_dir(args)} "
           f"({res.already} already published, {res.not_ok} failed run(s) left out)")
@@ -151,13 +165,15 @@ def cmd_export(args) -> None:
     print(f"exported {len(df)} runs ({int(df['published'].sum())} published) to {args.export}")
 
 
-def cmd_sweep(args, argv: list[str]) -> None:
+def cmd_sweep(args, argv: list[str]) -> int:
     from tqdm import tqdm
 
     from leaderboard.records import load_published, reproduction
     from leaderboard.store import RunStore
-    from protocols.runner import RunOptions
-    from protocols.sweep import SweepRequest, execute_pending, keyed, parse_overrides, plan
+    from protocols.executors import default_workers
+    from protocols.runner import RunOptions, log_path
+    from protocols.sweep import (SweepRequest, check_options, execute_pending, keyed, parse_overrides,
+                                 plan)
 
     request = SweepRequest(
         protocols=_split(args.protocols), backbones=args.backbones if args.backbones in ("default", "all")
@@ -167,37 +183,71 @@ def cmd_sweep(args, argv: list[str]) -> None:
     specs = keyed(plan(request))
     store = RunStore(args.store)
     todo = [s for s, k in specs if not store.has(k)]
+    workers = args.workers or default_workers(len(todo), args.threads or 1)
+    executor = "processes" if args.executor == "local" and workers > 1 else args.executor
+    log_dir = str(Path(args.store).parent / "logs")
+    options = RunOptions(data_root=args.data_root, weights_dir=args.weights_dir, device=args.device,
+                         eval_batch_size=args.eval_batch_size, quiet=not args.verbose,
+                         download=args.download, allow_download=args.allow_download,
+                         threads=args.threads or (1 if executor != "local" else None),
+                         loader_workers=args.loader_workers, log_dir=log_dir,
+                         progress=executor == "local" and not args.quiet and sys.stderr.isatty())
+    check_options(options, executor, workers)
     print(f"{len(specs)} runs planned, {len(specs) - len(todo)} already in {args.store}, "
-          f"{len(todo)} to run", flush=True)
+          f"{len(todo)} to run" + (f" in {workers} worker processes" if executor == "processes" else ""),
+          flush=True)
     if args.dry_run:
         for s, k in specs:
             if s in todo:
                 print(f"  {s.protocol} {s.backbone} {s.display_label} seed={s.seed} key={k[:12]}")
-        return
-    options = RunOptions(data_root=args.data_root, weights_dir=args.weights_dir, device=args.device,
-                         eval_batch_size=args.eval_batch_size, quiet=not args.verbose,
-                         download=args.download, allow_download=args.allow_download,
-                         threads=args.threads)
-    kw: dict = {}
-    if args.executor == "ray":
-        kw = {"address": args.address}
-    elif args.executor == "slurm":
-        kw = {"folder": args.slurm_folder, "partition": args.slurm_partition,
-              "timeout_min": args.slurm_timeout_min}
+        return 0
+    if todo:
+        store.check_writable()
+    kw: dict = {"plugins": args.plugin} if executor != "local" else {}
+    if executor == "processes":
+        kw["workers"] = workers
+    elif executor == "ray":
+        kw.update(address=args.address, gpus_per_run=args.gpus_per_run)
+    elif executor == "slurm":
+        kw.update(folder=args.slurm_folder, partition=args.slurm_partition,
+                  timeout_min=args.slurm_timeout_min, gpus_per_run=args.gpus_per_run)
+    stored, failed = 0, []
     bar = tqdm(total=len(todo), desc="sweep", unit="run", disable=args.quiet or None)
-    for spec, record in execute_pending(todo, store, options, executor=args.executor, argv=argv, **kw):
-        bar.update(1)
-        m = record["metrics"]
-        bar.write(f"{spec.protocol:<14} {spec.backbone:<7} {spec.display_label:<14} seed {spec.seed}: "
-                  f"FAA {m['faa']:6.2f}  CAA {m['caa']:6.2f}  FFM {m['ffm']:5.2f}  "
-                  f"({record['timings']['total_s']:.1f} s)")
+    try:
+        for spec, record in execute_pending(todo, store, options, executor=executor, argv=argv, **kw):
+            bar.update(1)
+            head = f"{spec.protocol:<14} {spec.backbone:<7} {spec.display_label:<14} seed {spec.seed}:"
+            if record["status"] == "failed":
+                failed.append(record)
+                log = log_path(log_dir, record["key"], spec)
+                log.parent.mkdir(parents=True, exist_ok=True)
+                with log.open("a", encoding="utf-8") as fh:
+                    fh.write(f"\nFAILED: {record['error']}\n{record['traceback']}")
+                bar.write(f"{head} FAILED: {record['error'].splitlines()[0][:160]} (log: {log})")
+                continue
+            stored += 1
+            m = record["metrics"]
+            bar.write(f"{head} FAA {m['faa']:6.2f}  CAA {m['caa']:6.2f}  FFM {m['ffm']:5.2f}  "
+                      f"({record['timings']['total_s']:.1f} s)")
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"\ninterrupted: {stored} of the {len(todo)} runs to do are stored in {args.store}"
+              f"{f' ({len(failed)} failed)' if failed else ''}; rerun the same command to resume "
+              "(stored runs are skipped)", file=sys.stderr)
+        return 130
     bar.close()
+    if failed:
+        print(f"{len(failed)} run(s) failed; they are stored as failed (never in a table) and the "
+              f"next sweep retries them. Logs: {log_dir}/")
+        for r in failed:
+            print(f"  {r['protocol']} {r['backbone']} {r['label']} seed {r['seed']}: {r['error'].splitlines()[0][:200]}")
     rep = reproduction([r for _, k in specs if (r := store.get(k)) is not None],
                        load_published(_records_dir(args)))
     for line in rep.lines():
         print(line)
     if not args.no_render:
         render_leaderboard(args)
+    return 0
 
 
 def cmd_cost(args) -> None:
@@ -221,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_imports()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    from leaderboard.store import OutputError, RecordError
+    from leaderboard.store import OutputError, RecordError, StoreError
     from leaderboard.records import RecordConflict
     from protocols.errors import USER_ERRORS
     from protocols.catalog import load_plugins
@@ -242,8 +292,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cost:
             cmd_cost(args)
         else:
-            cmd_sweep(args, argv)
-    except (*USER_ERRORS, RecordError, RecordConflict, OutputError, FileNotFoundError) as e:
+            return cmd_sweep(args, argv)
+    except (*USER_ERRORS, RecordError, RecordConflict, OutputError, StoreError) as e:
         if os.environ.get("PROMPTCL_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)

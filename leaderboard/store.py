@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 __all__ = ["RunStore", "RecordError", "REQUIRED_FIELDS", "REQUIRED_METRICS", "validate_record",
-           "export_csv", "CSV_COLUMNS", "OutputError"]
+           "export_csv", "CSV_COLUMNS", "OutputError", "StoreError"]
 
 #: Fields without which a record cannot be placed in a table or reproduced.
 REQUIRED_FIELDS: tuple[str, ...] = (
@@ -28,10 +28,14 @@ REQUIRED_FIELDS: tuple[str, ...] = (
 )
 #: Metrics every table and test is built from (percent).
 REQUIRED_METRICS: tuple[str, ...] = ("faa", "caa", "ffm", "bwt")
+#: What a failed run's record holds instead of results (it is stored so a sweep goes on, can
+#: list it and retries it; it never reaches a table).
+FAILED_FIELDS: tuple[str, ...] = ("key", "protocol", "backbone", "method", "label", "table", "seed",
+                                  "spec", "created", "error")
 
 #: Filter names accepted by ``RunStore.records`` -> column.
 _FILTER_COLUMNS = {"key": "key", "protocol": "protocol", "backbone": "backbone", "method": "method",
-                   "label": "label", "table": "tbl", "tbl": "tbl", "seed": "seed"}
+                   "label": "label", "table": "tbl", "tbl": "tbl", "seed": "seed", "status": "status"}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -43,10 +47,15 @@ CREATE TABLE IF NOT EXISTS runs (
     tbl      TEXT NOT NULL,
     seed     INTEGER NOT NULL,
     created  TEXT NOT NULL,
-    record   TEXT NOT NULL
+    record   TEXT NOT NULL,
+    status   TEXT NOT NULL DEFAULT 'ok'
 );
 CREATE INDEX IF NOT EXISTS runs_group ON runs (protocol, backbone, tbl, label, seed);
 """
+
+
+class StoreError(ValueError):
+    """The run store cannot be used (not a store, not writable, busy): nothing was changed."""
 
 
 class RecordError(ValueError):
@@ -62,7 +71,11 @@ def validate_record(record: Mapping[str, Any]) -> None:
     if not isinstance(record, Mapping):
         raise RecordError(f"a run record must be a dict (docs/CONTRACTS.md), got {type(record).__name__}")
     problems: list[str] = []
-    missing = [f for f in REQUIRED_FIELDS if f not in record or record[f] is None]
+    status = record.get("status", "ok")
+    if status not in ("ok", "failed"):
+        problems.append(f"'status' must be 'ok' or 'failed', got {status!r}")
+    required = FAILED_FIELDS if status == "failed" else REQUIRED_FIELDS
+    missing = [f for f in required if f not in record or record[f] is None]
     if missing:
         problems.append(f"missing fields {missing}")
     for f in ("key", "protocol", "backbone", "method", "label", "table", "created"):
@@ -76,7 +89,7 @@ def validate_record(record: Mapping[str, Any]) -> None:
             table.startswith("ablation:") and len(table) > len("ablation:")):
         problems.append(f"'table' must be 'main' or 'ablation:<name>', got {table!r}")
     metrics = record.get("metrics")
-    if metrics is not None:
+    if metrics is not None and status == "ok":
         if not isinstance(metrics, Mapping):
             problems.append(f"'metrics' must be a dict, got {type(metrics).__name__}")
         else:
@@ -101,9 +114,36 @@ class RunStore:
 
     def __init__(self, path: str | Path = "results/suite.sqlite") -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as conn:
-            conn.executescript(_SCHEMA)
+        if self.path.is_dir():
+            raise StoreError(f"--store {self.path} is a folder; give a file, e.g. {self.path / 'suite.sqlite'}")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"--store {self.path}: cannot create its folder ({e.strerror or e})") from None
+        try:
+            with self._connect() as conn:
+                conn.executescript(_SCHEMA)
+                cols = {row[1] for row in conn.execute("PRAGMA table_info(runs)")}
+                if "status" not in cols:  # a store made before failed runs were kept
+                    conn.execute("ALTER TABLE runs ADD COLUMN status TEXT NOT NULL DEFAULT 'ok'")
+                    conn.commit()
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"--store {self.path} is not a promptcl run store (SQLite says: {e}); "
+                             "give another path") from None
+
+    def check_writable(self) -> None:
+        """Raise StoreError now, before any run starts, if a finished run could not be stored."""
+        try:
+            with self._connect() as conn:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.rollback()
+        except sqlite3.OperationalError as e:
+            msg = str(e)
+            if "locked" in msg or "busy" in msg:
+                raise StoreError(f"--store {self.path} is busy: another sweep is writing to it right "
+                                 "now; wait for it, or give another --store") from None
+            raise StoreError(f"--store {self.path} is not writable ({msg}); fix its permissions or "
+                             "give another --store") from None
 
     def __repr__(self) -> str:
         return f"RunStore({str(self.path)!r})"
@@ -135,7 +175,7 @@ class RunStore:
             except (TypeError, ValueError) as e:
                 raise RecordError(f"run record {rec.get('key')!r} is not plain JSON: {e}") from None
             rows.append((rec["key"], rec["protocol"], rec["backbone"], rec["method"], rec["label"],
-                         rec["table"], int(rec["seed"]), rec["created"], blob))
+                         rec["table"], int(rec["seed"]), rec["created"], blob, rec.get("status", "ok")))
         if not rows:
             return 0
         verb = "INSERT OR REPLACE" if overwrite else "INSERT"
@@ -143,8 +183,8 @@ class RunStore:
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 conn.executemany(
-                    f"{verb} INTO runs (key, protocol, backbone, method, label, tbl, seed, created, record)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                    f"{verb} INTO runs (key, protocol, backbone, method, label, tbl, seed, created, record,"
+                    " status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
                 conn.commit()
             except BaseException as e:  # KeyboardInterrupt included: leave nothing half-written
                 conn.rollback()
@@ -161,9 +201,11 @@ class RunStore:
 
     # -- reading -------------------------------------------------------------------------------
     def has(self, key: str) -> bool:
-        """Whether a complete run with this key is stored (a sweep skips it)."""
+        """Whether a complete run with this key is stored (a sweep skips it; a failed run it
+        retries)."""
         with self._connect() as conn:
-            return conn.execute("SELECT 1 FROM runs WHERE key = ?", (key,)).fetchone() is not None
+            return conn.execute("SELECT 1 FROM runs WHERE key = ? AND status = 'ok'",
+                                (key,)).fetchone() is not None
 
     def get(self, key: str) -> dict[str, Any] | None:
         """The stored record for ``key``, or None."""

@@ -321,6 +321,13 @@ class PromptStrategy(SupervisedTemplate):
             extra = self.aux_loss()
             if extra is not None:
                 loss = loss + extra
+            if not torch.isfinite(loss.detach()):
+                # stop at once, and say where: a NaN would otherwise spread through every
+                # parameter and end as a run of random predictions that looks like a result
+                c = self.clock
+                raise FloatingPointError(
+                    f"{self.name or type(self).__name__}: training loss is {loss.item()} at task "
+                    f"{self.task_id}, epoch {c.train_exp_epochs}, step {c.train_epoch_iterations}")
         return loss
 
     # ------------------------------------------------------------------ cost measurement

@@ -6,10 +6,11 @@ this tuple is the one place that says which of them are the user's to fix.
 """
 from __future__ import annotations
 
-from benchmarks import DataNotFoundError
+from benchmarks import DataError, DataNotFoundError
 from methods.backbones import BackboneError
 from methods.registry import HparamError, PluginError, UnknownMethodError
 
+from .executors import ExecutorError
 from .schema import ProtocolError
 
 
@@ -18,6 +19,6 @@ class SweepError(ValueError):
 
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    DataNotFoundError, BackboneError, HparamError, PluginError, UnknownMethodError, ProtocolError,
-    SweepError,
+    DataNotFoundError, DataError, BackboneError, HparamError, PluginError, UnknownMethodError,
+    ProtocolError, SweepError, ExecutorError,
 )

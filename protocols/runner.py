@@ -13,6 +13,7 @@ line on it (a Ray or Slurm worker would otherwise record its own).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import platform
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from benchmarks import build_stream
 from methods import backbones, registry
@@ -66,6 +68,8 @@ class RunOptions:
     allow_download: bool = False
     random_init: bool = False  # backbone without weights: tests, cost and dry runs (sha256 says so)
     threads: int | None = None  # torch CPU threads for this run (None: torch's default)
+    log_dir: str | None = None  # each run's evaluation log goes to a file here (see log_path)
+    progress: bool = False  # a progress bar over the run's tasks (one process, a terminal)
     loader_workers: int | None = None  # DataLoader worker processes (None: by device, methods.loading)
 
 
@@ -163,13 +167,20 @@ def versions() -> dict[str, str]:
             "promptcl": code_version()}
 
 
-def _evaluator(quiet: bool):
+def log_path(log_dir: str | Path, key: str, spec: RunSpec) -> Path:
+    """Where a run's log goes: `<log_dir>/<method>-seed<s>-<key prefix>.log`."""
+    return Path(log_dir) / f"{spec.method}-seed{spec.seed}-{key[:12]}.log"
+
+
+def _evaluator(quiet: bool, log_file=None):
+    """Avalanche's evaluation logs: to the terminal unless quiet (`--verbose`), and to the run's
+    log file when there is one (so a run can be read after the fact)."""
     from avalanche.evaluation.metrics import accuracy_metrics
-    from avalanche.logging import InteractiveLogger
+    from avalanche.logging import InteractiveLogger, TextLogger
     from avalanche.training.plugins import EvaluationPlugin
 
-    return EvaluationPlugin(accuracy_metrics(experience=True, stream=True),
-                            loggers=[] if quiet else [InteractiveLogger()])
+    loggers = ([] if quiet else [InteractiveLogger()]) + ([TextLogger(log_file)] if log_file else [])
+    return EvaluationPlugin(accuracy_metrics(experience=True, stream=True), loggers=loggers)
 
 
 class _Predictions:
@@ -224,6 +235,11 @@ class _Predictions:
 
 def run(spec: RunSpec, options: RunOptions = RunOptions()) -> dict[str, Any]:
     """Execute one run and return its record (nothing is stored here)."""
+    with contextlib.ExitStack() as stack:
+        return _run(spec, options, stack)
+
+
+def _run(spec: RunSpec, options: RunOptions, stack: contextlib.ExitStack) -> dict[str, Any]:
     from avalanche.training.determinism.rng_manager import RNGManager
 
     start = time.time()
@@ -245,17 +261,28 @@ def run(spec: RunSpec, options: RunOptions = RunOptions()) -> dict[str, Any]:
         download=options.download)
     bm = info.benchmark
 
+    key = run_key(resolved)
+    log_file = None
+    if options.log_dir:
+        path = log_path(options.log_dir, key, spec)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        log_file = stack.enter_context(path.open("w", encoding="utf-8"))
+        log_file.write(f"{spec.protocol} {spec.backbone} {spec.display_label} seed {spec.seed} key {key}\n"
+                       f"hparams {json.dumps(resolved['hparams'], sort_keys=True)}\n")
     RNGManager.set_random_seeds(spec.seed)
     preds = _Predictions()
     strategy = registry.create(
         spec.method, vit=backbone.vit, num_classes=info.num_classes, hparams=resolved["hparams"],
-        device=device, eval_mb_size=options.eval_batch_size, evaluator=_evaluator(options.quiet),
+        device=device, eval_mb_size=options.eval_batch_size, evaluator=_evaluator(options.quiet, log_file),
         plugins=[preds.plugin], precision=spec.precision, num_tasks=protocol.num_tasks,
         classes_per_task=protocol.classes_per_task, loader_workers=options.loader_workers)
 
     T = protocol.num_tasks
     acc: list[list[float | None]] = [[None] * T for _ in range(T)]
+    tasks = stack.enter_context(tqdm(total=T, desc=f"{spec.display_label} seed {spec.seed}", unit="task",
+                                     leave=False, disable=not options.progress))
     for i in strategy.fit(bm.train_stream, bm.test_stream):
+        tasks.update(1)
         by_task = preds.accuracy_by_task()
         for j in range(i + 1):
             acc[j][i] = by_task[j]
@@ -270,7 +297,7 @@ def run(spec: RunSpec, options: RunOptions = RunOptions()) -> dict[str, Any]:
     cost = {k: v for k, v in cost.items() if k != "method"}
     dev = str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
     return {
-        "key": run_key(resolved), "protocol": protocol.name, "backbone": spec.backbone,
+        "key": key, "protocol": protocol.name, "backbone": spec.backbone,
         "method": spec.method, "label": spec.display_label, "table": spec.table,
         "position": spec.position, "precision": spec.precision, "status": "ok",
         "variant": variant(spec, protocol), "role": type(strategy).role,

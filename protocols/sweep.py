@@ -9,15 +9,17 @@ the leaderboard, which is built from records alone.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol as TypingProtocol
 
 from methods import backbones, registry
 
-from .errors import SweepError
-from .executors import execute
-from .runner import RunOptions, RunSpec, spec_key
+from .errors import USER_ERRORS, SweepError
+from .executors import RunFailure, execute
+from .runner import RunOptions, RunSpec, resolve, run_key, spec_key, versions
 from .schema import available, load_protocol
 
 
@@ -111,6 +113,31 @@ def plan(req: SweepRequest) -> list[RunSpec]:
     return specs
 
 
+def check_options(options: RunOptions, executor: str = "local", workers: int = 1) -> None:
+    """Refuse, before anything runs, options every run would fail on (SweepError)."""
+    import torch
+
+    for name, value, least in (("--threads", options.threads, 1), ("--eval-batch-size", options.eval_batch_size, 1),
+                               ("--loader-workers", options.loader_workers, 0), ("--workers", workers, 1)):
+        if value is not None and (isinstance(value, bool) or value < least):
+            raise SweepError(f"{name} must be at least {least}, got {value}")
+    if options.device != "auto":
+        try:
+            device = torch.device(options.device)
+        except (RuntimeError, ValueError):
+            raise SweepError(f"--device {options.device!r} is not a device; use auto, cpu, cuda or "
+                             "cuda:N") from None
+        if executor in ("local", "processes") and device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise SweepError(f"--device {options.device}: no CUDA GPU is visible here; use "
+                                 "--device cpu (or auto)")
+            if device.index is not None and device.index >= torch.cuda.device_count():
+                raise SweepError(f"--device {options.device}: this machine has "
+                                 f"{torch.cuda.device_count()} GPU(s)")
+        elif device.type not in ("cpu", "cuda", "mps"):
+            raise SweepError(f"--device {options.device!r}: the suite runs on cpu or cuda")
+
+
 def keyed(specs: Sequence[RunSpec]) -> list[tuple[RunSpec, str]]:
     """Each spec with its run key (the hash of its resolved spec)."""
     return [(s, spec_key(s)) for s in specs]
@@ -120,8 +147,33 @@ def execute_pending(todo: Sequence[RunSpec], store: Store, options: RunOptions, 
                     executor: str = "local", argv: Sequence[str] = (), **executor_kw
                     ) -> Iterator[tuple[RunSpec, dict[str, Any]]]:
     """Run `todo` on `executor`, stamp each record with the user's command line (`argv`: the
-    driver's, never a worker's), store it as soon as it arrives, and yield it."""
-    for spec, record in execute(executor, list(todo), options, **executor_kw):
-        record["argv"] = list(argv)
-        store.put(record)
-        yield spec, record
+    driver's, never a worker's), store it as soon as it arrives, and yield it.
+
+    A run that raises becomes a failed record (status "failed", its error and traceback): it is
+    stored, yielded, and retried by the next sweep, and the sweep goes on. An error the user must
+    fix (missing data, unusable weights, ...: `USER_ERRORS`) would fail every run alike, so it
+    stops the sweep instead, as itself."""
+    outcomes = execute(executor, list(todo), options, failures="yield", **executor_kw)
+    with closing(outcomes):
+        for spec, outcome in outcomes:
+            if isinstance(outcome, RunFailure):
+                if isinstance(outcome.exception, USER_ERRORS):
+                    raise outcome.exception
+                record = failed_record(spec, outcome)
+            else:
+                record = outcome
+            record["argv"] = list(argv)
+            store.put(record)
+            yield spec, record
+
+
+def failed_record(spec: RunSpec, failure: RunFailure) -> dict[str, Any]:
+    """The record of a run that raised: what was asked, and why there is no result."""
+    protocol = load_protocol(spec.protocol)
+    resolved = resolve(spec, protocol)
+    return {"key": run_key(resolved), "protocol": protocol.name, "backbone": spec.backbone,
+            "method": spec.method, "label": spec.display_label, "table": spec.table,
+            "position": spec.position, "precision": spec.precision, "seed": int(spec.seed),
+            "spec": resolved, "status": "failed", "error": failure.error,
+            "traceback": failure.traceback, "versions": versions(),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}

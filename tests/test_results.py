@@ -22,7 +22,7 @@ def env(tmp_path):
     write_fashion_mnist(tmp_path / "data" / "fashion-mnist", train_per_class=12, test_per_class=4)
     args = ["--data-root", str(tmp_path / "data"), "--store", str(tmp_path / "runs.sqlite"),
             "--records-dir", str(tmp_path / "records"), "--leaderboard-dir", str(tmp_path / "lb"),
-            "--quiet", "--threads", "1"]
+            "--quiet", "--threads", "1", "--workers", "1"]
     return tmp_path, args
 
 

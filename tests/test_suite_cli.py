@@ -22,7 +22,7 @@ def env(tmp_path):
                      "methods:\n  head_only: {epochs: 1}\n  joint: {epochs: 1}\n")
     args = ["--protocols", str(proto), "--data-root", str(tmp_path / "data"),
             "--store", str(tmp_path / "runs.sqlite"), "--leaderboard-dir", str(tmp_path / "lb"),
-            "--quiet"]
+            "--quiet", "--workers", "1"]
     return tmp_path, args
 
 
@@ -52,7 +52,7 @@ def test_sweep_stores_runs_renders_and_resumes(env, monkeypatch):
     assert calls == []
 
 
-def test_interrupted_run_leaves_no_record(env, monkeypatch):
+def test_interrupted_run_leaves_no_record(env, monkeypatch, capsys):
     tmp, args = env
     from methods.base import PromptStrategy
 
@@ -60,8 +60,9 @@ def test_interrupted_run_leaves_no_record(env, monkeypatch):
         if self.task_id == 2:
             raise KeyboardInterrupt
     monkeypatch.setattr(PromptStrategy, "task_end", boom)
-    with pytest.raises(KeyboardInterrupt):
-        run_suite.main(args + ["--methods", "head_only", "--seeds", "1"])
+    # Ctrl-C: exit 130 after saying how many runs are stored and that rerunning resumes
+    assert run_suite.main(args + ["--methods", "head_only", "--seeds", "1"]) == 130
+    assert "rerun the same command to resume" in capsys.readouterr().err
     assert len(RunStore(tmp / "runs.sqlite")) == 0
 
 
