@@ -121,7 +121,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _records_dir(args) -> Path:
     from leaderboard.records import RECORDS_DIR
-    return Path(args.records_dir) if args.records_dir else RECORDS_DIR
+    from leaderboard.store import OutputError
+
+    path = Path(args.records_dir) if args.records_dir else RECORDS_DIR
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"--records-dir {path} is a file, not a folder of published records "
+                          "(<protocol>__<backbone>.jsonl files); give that folder")
+    return path
 
 
 def _local_records(args) -> list[dict]:
@@ -133,7 +139,9 @@ def _local_records(args) -> list[dict]:
 def render_leaderboard(args) -> None:
     from leaderboard.records import PROFILES_DIR, SMOKE_DIR, load_measurements, load_published
     from leaderboard.render import render_all
+    from leaderboard.store import check_output_dir
 
+    check_output_dir(args.leaderboard_dir, "--leaderboard-dir")
     published = load_published(_records_dir(args))
     local = [r for r in _local_records(args) if r["key"] not in {p["key"] for p in published}]
     res = render_all(published, local, args.leaderboard_dir, profiles=load_measurements(PROFILES_DIR),
@@ -144,12 +152,19 @@ def render_leaderboard(args) -> None:
 
 def cmd_publish(args) -> None:
     from leaderboard.records import publish
-    from leaderboard.store import RunStore, StoreError
+    from leaderboard.store import RunStore, StoreError, check_output_dir
 
     path = args.publish or args.store
+    flag = "--publish" if args.publish else "--store"
+    if Path(path).is_dir():
+        raise StoreError(f"{flag} {path} is a folder; give the run store file (a .sqlite) to publish")
     if not Path(path).is_file():
-        raise StoreError(f"no run store at {path}: nothing to publish")
-    res = publish(RunStore(path).records(), _records_dir(args), source=str(path))
+        raise StoreError(f"{flag} {path}: no run store there, nothing to publish")
+    # every output is checked before anything is written
+    check_output_dir(_records_dir(args), "--records-dir")
+    if not args.no_render:
+        check_output_dir(args.leaderboard_dir, "--leaderboard-dir")
+    res = publish(RunStore(path, flag=flag).records(), _records_dir(args), source=str(path))
     print(f"published {len(res.added)} new run(s) to {_records_dir(args)} "
           f"({res.already} already published, {res.not_ok} failed run(s) left out)")
     for f in res.files:
@@ -166,10 +181,12 @@ def cmd_export(args) -> None:
 
 
 def cmd_sweep(args, argv: list[str]) -> int:
+    from dataclasses import replace
+
     from tqdm import tqdm
 
     from leaderboard.records import load_published, reproduction
-    from leaderboard.store import RunStore
+    from leaderboard.store import RunStore, check_output_dir
     from protocols.executors import default_workers
     from protocols.runner import RunOptions, log_path
     from protocols.sweep import (SweepRequest, check_options, execute_pending, keyed, parse_overrides,
@@ -181,18 +198,24 @@ def cmd_sweep(args, argv: list[str]) -> int:
         ablations=[a for item in args.ablation for a in _split(item)], seeds=args.seeds,
         overrides=parse_overrides(args.set), precision=args.precision)
     specs = keyed(plan(request))
-    store = RunStore(args.store)
-    todo = [s for s, k in specs if not store.has(k)]
-    workers = args.workers or default_workers(len(todo), args.threads or 1)
-    executor = "processes" if args.executor == "local" and workers > 1 else args.executor
     log_dir = str(Path(args.store).parent / "logs")
     options = RunOptions(data_root=args.data_root, weights_dir=args.weights_dir, device=args.device,
                          eval_batch_size=args.eval_batch_size, quiet=not args.verbose,
                          download=args.download, allow_download=args.allow_download,
-                         threads=args.threads or (1 if executor != "local" else None),
-                         loader_workers=args.loader_workers, log_dir=log_dir,
-                         progress=executor == "local" and not args.quiet and sys.stderr.isatty())
-    check_options(options, executor, workers)
+                         threads=args.threads, loader_workers=args.loader_workers, log_dir=log_dir)
+    # everything the user typed is checked before the store is opened (or created) and any run starts
+    check_options(options, args.executor, args.workers, gpus_per_run=args.gpus_per_run,
+                  timeout_min=args.slurm_timeout_min)
+    if not args.no_render and not args.dry_run:
+        check_output_dir(args.leaderboard_dir, "--leaderboard-dir")
+    if args.executor == "slurm":
+        check_output_dir(args.slurm_folder, "--slurm-folder")
+    store = RunStore(args.store)
+    todo = [s for s, k in specs if not store.has(k)]
+    workers = args.workers or default_workers(len(todo), args.threads or 1)
+    executor = "processes" if args.executor == "local" and workers > 1 else args.executor
+    options = replace(options, threads=args.threads or (1 if executor != "local" else None),
+                      progress=executor == "local" and not args.quiet and sys.stderr.isatty())
     print(f"{len(specs)} runs planned, {len(specs) - len(todo)} already in {args.store}, "
           f"{len(todo)} to run" + (f" in {workers} worker processes" if executor == "processes" else ""),
           flush=True)
@@ -254,8 +277,9 @@ def cmd_cost(args) -> None:
     import json
 
     from protocols.catalog import cost_rows
-    from protocols.sweep import parse_overrides
+    from protocols.sweep import check_device, parse_overrides
 
+    check_device(args.device)
     rows = cost_rows(_split(args.protocols), args.backbones, _split(args.methods) if args.methods != "all" else ["all"],
                      parse_overrides(args.set), weights_dir=args.weights_dir, random_init=args.random_init,
                      allow_download=args.allow_download, device=args.device)
@@ -296,7 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     except (*USER_ERRORS, RecordError, RecordConflict, OutputError, StoreError) as e:
         if os.environ.get("PROMPTCL_DEBUG"):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        # one line, whatever the message's layout (lists of paths, YAML's pointers, conflicts)
+        print("error: " + " ".join(line.strip() for line in str(e).splitlines() if line.strip()),
+              file=sys.stderr)
         return 2
     return 0
 

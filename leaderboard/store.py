@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import sqlite3
+import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,7 +21,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 __all__ = ["RunStore", "RecordError", "REQUIRED_FIELDS", "REQUIRED_METRICS", "validate_record",
-           "export_csv", "CSV_COLUMNS", "OutputError", "StoreError"]
+           "export_csv", "CSV_COLUMNS", "OutputError", "StoreError", "check_output_dir"]
 
 #: Fields without which a record cannot be placed in a table or reproduced.
 REQUIRED_FIELDS: tuple[str, ...] = (
@@ -112,47 +114,93 @@ class RunStore:
     and pickled to workers without holding a file handle; only the driver is meant to write.
     """
 
-    def __init__(self, path: str | Path = "results/suite.sqlite") -> None:
+    #: the columns a promptcl store's `runs` table has (a database without them is not one)
+    _COLUMNS = frozenset({"key", "protocol", "backbone", "method", "label", "tbl", "seed", "created", "record"})
+
+    def __init__(self, path: str | Path = "results/suite.sqlite", flag: str = "--store") -> None:
+        """Open (creating if missing) the store at `path`; `flag` is how the user named it (the
+        CLI option), for the messages. Raises StoreError, having changed nothing, for a folder, a
+        file that is not SQLite, another program's database or a damaged store."""
         self.path = Path(path)
+        self.flag = flag
         if self.path.is_dir():
-            raise StoreError(f"--store {self.path} is a folder; give a file, e.g. {self.path / 'suite.sqlite'}")
+            raise StoreError(f"{flag} {self.path} is a folder; give a file, e.g. {self.path / 'suite.sqlite'}")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise StoreError(f"--store {self.path}: cannot create its folder ({e.strerror or e})") from None
-        try:
-            with self._connect() as conn:
-                conn.executescript(_SCHEMA)
-                cols = {row[1] for row in conn.execute("PRAGMA table_info(runs)")}
-                if "status" not in cols:  # a store made before failed runs were kept
-                    conn.execute("ALTER TABLE runs ADD COLUMN status TEXT NOT NULL DEFAULT 'ok'")
-                    conn.commit()
-        except sqlite3.DatabaseError as e:
-            raise StoreError(f"--store {self.path} is not a promptcl run store (SQLite says: {e}); "
-                             "give another path") from None
+            raise StoreError(f"{flag} {self.path}: cannot create its folder ({e.strerror or e})") from None
+        with self._connect() as conn:
+            self._check_is_a_store(conn)
+            conn.executescript(_SCHEMA)
+            cols = {row[1] for row in conn.execute("PRAGMA table_info(runs)")}
+            if "status" not in cols:  # a store made before failed runs were kept
+                conn.execute("ALTER TABLE runs ADD COLUMN status TEXT NOT NULL DEFAULT 'ok'")
+                conn.commit()
+
+    def _check_is_a_store(self, conn: sqlite3.Connection) -> None:
+        """Refuse another program's SQLite database before anything is added to it."""
+        tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+                  if not name.startswith("sqlite_")}
+        if tables and "runs" not in tables:
+            raise StoreError(f"{self.flag} {self.path} is not a promptcl run store (an SQLite database "
+                             f"with the tables {', '.join(sorted(tables)[:6])}); give another path")
+        if "runs" in tables:
+            cols = {row[1] for row in conn.execute("PRAGMA table_info(runs)")}
+            if not self._COLUMNS <= cols:
+                raise StoreError(f"{self.flag} {self.path} is not a promptcl run store (its table 'runs' "
+                                 f"has the columns {', '.join(sorted(cols))}); give another path")
 
     def check_writable(self) -> None:
-        """Raise StoreError now, before any run starts, if a finished run could not be stored."""
-        try:
-            with self._connect() as conn:
-                conn.execute("BEGIN IMMEDIATE")
+        """Raise StoreError now, before any run starts, if a finished run could not be stored.
+
+        `BEGIN IMMEDIATE` alone succeeds on a read-only database (SQLite takes the lock, and finds
+        out it cannot write only when it writes), so the check writes a table and rolls it back."""
+        with self._connect() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute("CREATE TABLE promptcl_write_check (x)")
+            finally:
                 conn.rollback()
-        except sqlite3.OperationalError as e:
-            msg = str(e)
-            if "locked" in msg or "busy" in msg:
-                raise StoreError(f"--store {self.path} is busy: another sweep is writing to it right "
-                                 "now; wait for it, or give another --store") from None
-            raise StoreError(f"--store {self.path} is not writable ({msg}); fix its permissions or "
-                             "give another --store") from None
+
+    #: what SQLite says about a file it cannot use -> what the user reads (anything else SQLite
+    #: raises is a bug in this module, and keeps its traceback)
+    _SQLITE_PROBLEMS = (
+        (("locked", "busy"), "is busy: another sweep held it longer than the 30 s this one waits; "
+                             "wait for that sweep to finish, or give another {flag}"),
+        (("readonly", "read-only", "permission"), "is not writable ({msg}); fix its permissions or give "
+                                                  "another {flag}"),
+        (("unable to open",), "cannot be opened ({msg}); check the path and its folder's permissions"),
+        (("disk is full", "disk full"), "cannot be written: the disk is full ({msg}); free space and rerun "
+                                        "(stored runs are kept)"),
+        (("not a database", "malformed", "disk i/o error", "file is encrypted", "corrupt"),
+         "is damaged or not a promptcl run store (SQLite says: {msg}); give another path, or restore "
+         "the file from a copy"),
+    )
+
+    def _store_error(self, e: sqlite3.Error) -> StoreError | None:
+        msg = str(e)
+        for needles, text in self._SQLITE_PROBLEMS:
+            if any(n in msg.lower() for n in needles):
+                return StoreError(f"{self.flag} {self.path} " + text.format(msg=msg, flag=self.flag))
+        return None
 
     def __repr__(self) -> str:
         return f"RunStore({str(self.path)!r})"
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        conn = sqlite3.connect(self.path, timeout=30.0)
+        """A short-lived connection; SQLite's complaints about the file become one StoreError.
+        The 30 s busy timeout lets sweeps share a store: each write is one short transaction."""
+        try:
+            conn = sqlite3.connect(self.path, timeout=30.0)
+        except sqlite3.Error as e:
+            raise (self._store_error(e) or e) from None
         try:
             yield conn
+        except sqlite3.DatabaseError as e:
+            if isinstance(e, sqlite3.IntegrityError) or (err := self._store_error(e)) is None:
+                raise
+            raise err from None
         finally:
             conn.close()
 
@@ -280,7 +328,7 @@ def export_csv(records: Iterable[Mapping[str, Any]], path: str | Path,
     from .records import config_id, variant_text
 
     path = Path(path)
-    if any(path.resolve() == Path(p).resolve() for p in protect):
+    if any(_same_file(path, Path(p)) for p in protect):
         raise OutputError(f"--export {path} is the run store: refusing to overwrite it with CSV")
     if path.is_dir():
         raise OutputError(f"--export {path} is a folder; give a file name ending in .csv")
@@ -315,3 +363,30 @@ def export_csv(records: Iterable[Mapping[str, Any]], path: str | Path,
         raise OutputError(f"--export {path}: cannot write it ({e.strerror or e})") from None
     return df
 
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether `a` and `b` are one file (a symbolic or hard link to it included)."""
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
+def check_output_dir(path: str | Path, flag: str) -> None:
+    """Raise OutputError now if files cannot be written into the folder `path` (it need not exist
+    yet): before a sweep runs or anything is published, not after. Creates nothing."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{flag} {path} is a file, not a folder; give a folder")
+    existing = path
+    while not existing.exists():  # the folder that would hold the ones still to be made
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"{flag} {path}: {existing} is a file, so no folder can be made there; "
+                          "give another folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise OutputError(f"{flag} {path}: cannot write into {existing} ({e.strerror or e}); give a "
+                          "folder you can write to") from None

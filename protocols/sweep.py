@@ -18,8 +18,8 @@ from typing import Any, Protocol as TypingProtocol
 from methods import backbones, registry
 
 from .errors import USER_ERRORS, SweepError
-from .executors import RunFailure, execute
-from .runner import RunOptions, RunSpec, resolve, run_key, spec_key, versions
+from .executors import ExecutorError, RunFailure, _check_gpus, execute
+from .runner import RunOptions, RunSpec, method_hparams, resolve, run_key, spec_key, versions
 from .schema import available, load_protocol
 
 
@@ -92,6 +92,10 @@ def plan(req: SweepRequest) -> list[RunSpec]:
                 raise SweepError(f"protocol {proto.name} has no ablation {ab_name!r}; "
                                  f"it has: {', '.join(proto.ablations) or 'none'}")
             ab = proto.ablations[ab_name]
+            if ab.variants == "ladder" and not registry.get(ab.method).ABLATION:
+                raise SweepError(f"{proto.path}: ablations.{ab_name} asks for the ladder of {ab.method!r}, "
+                                 f"which defines none; list the variants instead "
+                                 f"(variants: {{label: {{hparam: value}}}})")
             variants = registry.ablation(ab.method) if ab.variants == "ladder" else list(ab.variants.items())
             runs += [(ab.method, label, f"ablation:{ab_name}", pos, dict(rung))
                      for pos, (label, rung) in enumerate(variants)]
@@ -105,6 +109,7 @@ def plan(req: SweepRequest) -> list[RunSpec]:
                     f"YAML, or give the method generic defaults (DEFAULTS['*'])")
         if not runs:
             raise SweepError(f"nothing to run on {proto.name}: no method and no ablation selected")
+        _check_hparams(proto, runs, req.overrides)
         for bb in _backbones_for(proto, req.backbones):
             for method, label, table, position, rung in runs:
                 for seed in range(req.seeds):
@@ -113,29 +118,78 @@ def plan(req: SweepRequest) -> list[RunSpec]:
     return specs
 
 
-def check_options(options: RunOptions, executor: str = "local", workers: int = 1) -> None:
-    """Refuse, before anything runs, options every run would fail on (SweepError)."""
-    import torch
-
+def check_options(options: RunOptions, executor: str = "local", workers: int | None = 1, *,
+                  gpus_per_run: float | None = None, timeout_min: int | None = None) -> None:
+    """Refuse, before anything runs or is created, options every run would fail on (SweepError,
+    ExecutorError). `workers`, `gpus_per_run` and `timeout_min` are the user's values (None: not
+    given); `timeout_min` is Slurm's."""
     for name, value, least in (("--threads", options.threads, 1), ("--eval-batch-size", options.eval_batch_size, 1),
-                               ("--loader-workers", options.loader_workers, 0), ("--workers", workers, 1)):
+                               ("--loader-workers", options.loader_workers, 0), ("--workers", workers, 1),
+                               ("--slurm-timeout-min", timeout_min, 1)):
         if value is not None and (isinstance(value, bool) or value < least):
             raise SweepError(f"{name} must be at least {least}, got {value}")
-    if options.device != "auto":
+    check_device(options.device, executor)
+    try:
+        _check_gpus(options.device, gpus_per_run)
+    except ValueError as e:
+        raise SweepError(str(e)) from None
+    if executor == "ray":
+        _importable("ray", "--executor ray needs Ray: pip install 'promptcl[ray]'")
+    elif executor == "slurm":
+        _importable("submitit", "--executor slurm needs submitit: pip install 'promptcl[slurm]'")
+
+
+def _importable(module: str, message: str) -> None:
+    try:
+        __import__(module)
+    except ImportError:
+        raise ExecutorError(message) from None
+
+
+def check_device(device: str, executor: str = "local") -> None:
+    """Refuse a `--device` that does not exist here (SweepError). Runs elsewhere (Ray, Slurm) land
+    on machines of their own, so only the name is checked for them."""
+    import torch
+
+    if device == "auto":
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise SweepError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise SweepError(f"--device {device!r}: the suite runs on cpu or cuda (or mps); use one of them")
+    if executor not in ("local", "processes"):
+        return
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SweepError(f"--device {device}: no CUDA GPU is visible here; use --device cpu (or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise SweepError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s) "
+                             f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise SweepError(f"--device {device}: no Apple MPS device here; use --device cpu (or auto)")
+
+
+def _check_hparams(proto, runs, overrides: dict[str, dict[str, Any]]) -> None:
+    """Resolve every run's hyperparameters layer by layer, so that a bad value names where it
+    was written: the protocol YAML's `methods:`, an ablation's variant, or `--set`."""
+    for method in sorted({r[0] for r in runs}):
         try:
-            device = torch.device(options.device)
-        except (RuntimeError, ValueError):
-            raise SweepError(f"--device {options.device!r} is not a device; use auto, cpu, cuda or "
-                             "cuda:N") from None
-        if executor in ("local", "processes") and device.type == "cuda":
-            if not torch.cuda.is_available():
-                raise SweepError(f"--device {options.device}: no CUDA GPU is visible here; use "
-                                 "--device cpu (or auto)")
-            if device.index is not None and device.index >= torch.cuda.device_count():
-                raise SweepError(f"--device {options.device}: this machine has "
-                                 f"{torch.cuda.device_count()} GPU(s)")
-        elif device.type not in ("cpu", "cuda", "mps"):
-            raise SweepError(f"--device {options.device!r}: the suite runs on cpu or cuda")
+            method_hparams(method, proto)
+        except registry.HparamError as e:
+            raise registry.HparamError(f"{proto.path}: methods.{method}: {e}") from None
+        try:
+            method_hparams(method, proto, overrides.get(method, {}))
+        except registry.HparamError as e:
+            raise registry.HparamError(f"--set: {e}") from None
+    for method, label, table, _, rung in runs:
+        if rung:
+            try:
+                method_hparams(method, proto, rung)
+            except registry.HparamError as e:
+                raise registry.HparamError(f"{proto.path}: {table.replace(':', 's.', 1)} variant "
+                                           f"{label!r}: {e}") from None
 
 
 def keyed(specs: Sequence[RunSpec]) -> list[tuple[RunSpec, str]]:
