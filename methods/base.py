@@ -54,6 +54,14 @@ class Hparams:
             raise ValueError(f"optimizer must be adam, adamw or sgd, got {self.optimizer!r}")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be cosine or constant, got {self.schedule!r}")
+        for name, value, least in (("epochs", self.epochs, 1), ("batch_size", self.batch_size, 1)):
+            if value < least:
+                raise ValueError(f"{name} must be at least {least}, got {value}")
+        for name, positive in (("lr", True), ("weight_decay", False), ("momentum", False),
+                               ("clip_grad", False), ("prompt_lr_mult", False)):
+            value = getattr(self, name)
+            if not (value > 0 if positive else value >= 0) or value == float("inf"):  # NaN fails too
+                raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} 0, got {value}")
 
 
 class PromptModel(nn.Module):

@@ -171,7 +171,10 @@ def load_protocol(name_or_path: str | Path) -> Protocol:
         raise ProtocolError(f"no protocol {str(name_or_path)!r}: {path} not found; "
                             f"shipped protocols: {', '.join(available())}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ProtocolError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start}); a protocol "
+                            "is a YAML text file") from None
     except yaml.YAMLError as e:
         raise ProtocolError(f"{path}: not valid YAML: {e}") from None
     return validate(raw, str(path))
