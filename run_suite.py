@@ -16,22 +16,35 @@ so an interrupted sweep resumes where it stopped. Runs whose key is published ar
 the published record (the reproduction line). The pages are rendered from the published records
 plus the local runs not published yet; publishing is explicit.
 
+Exit codes: 0 done; 1 the sweep finished but some runs failed (stored as failed, listed, retried
+by the next sweep); 2 an input the user can fix (one `error:` line, nothing run or changed); 130
+interrupted (Ctrl-C; rerun to resume).
+
 This file parses, dispatches and prints; the work is in protocols/ and leaderboard/.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
 
 
+#: warnings that say nothing to a user of the suite: Avalanche imports qpsolvers, which has no
+#: solver here (only GEM / A-GEM need one); an Avalanche evaluator without loggers (quiet runs)
+_SILENCED = ("no QP solver found", "No loggers specified")
+
+
 def _quiet_imports() -> None:
-    # Avalanche warns at import that qpsolvers has no solver (only GEM / A-GEM need one).
-    warnings.filterwarnings("ignore", message=".*QP solver.*")
-    warnings.filterwarnings("ignore", message=".*open_source_solvers.*")
-    warnings.filterwarnings("ignore", message="No loggers specified.*")
+    """Silence `_SILENCED` here and in every worker process a sweep starts (local pool, local
+    Ray): a spawned interpreter reads PYTHONWARNINGS before its first import."""
+    for message in _SILENCED:
+        warnings.filterwarnings("ignore", message=re.escape(message), category=UserWarning)
+    given = [w for w in os.environ.get("PYTHONWARNINGS", "").split(",") if w]
+    ours = [f"ignore:{message}:UserWarning" for message in _SILENCED]
+    os.environ["PYTHONWARNINGS"] = ",".join(given + [w for w in ours if w not in given])
 
 
 def _split(value: str | None) -> list[str]:
@@ -239,7 +252,7 @@ def cmd_sweep(args, argv: list[str]) -> int:
     try:
         for spec, record in execute_pending(todo, store, options, executor=executor, argv=argv, **kw):
             bar.update(1)
-            head = f"{spec.protocol:<14} {spec.backbone:<7} {spec.display_label:<14} seed {spec.seed}:"
+            head = f"{record['protocol']:<14} {spec.backbone:<7} {spec.display_label:<14} seed {spec.seed}:"
             if record["status"] == "failed":
                 failed.append(record)
                 log = log_path(log_dir, record["key"], spec)
@@ -270,7 +283,7 @@ def cmd_sweep(args, argv: list[str]) -> int:
         print(line)
     if not args.no_render:
         render_leaderboard(args)
-    return 0
+    return 1 if failed else 0
 
 
 def cmd_cost(args) -> None:

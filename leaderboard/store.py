@@ -114,6 +114,8 @@ class RunStore:
     and pickled to workers without holding a file handle; only the driver is meant to write.
     """
 
+    #: how long a write waits for another sweep's write to finish (each is one short transaction)
+    busy_timeout_s: float = 30.0
     #: the columns a promptcl store's `runs` table has (a database without them is not one)
     _COLUMNS = frozenset({"key", "protocol", "backbone", "method", "label", "tbl", "seed", "created", "record"})
 
@@ -165,8 +167,8 @@ class RunStore:
     #: what SQLite says about a file it cannot use -> what the user reads (anything else SQLite
     #: raises is a bug in this module, and keeps its traceback)
     _SQLITE_PROBLEMS = (
-        (("locked", "busy"), "is busy: another sweep held it longer than the 30 s this one waits; "
-                             "wait for that sweep to finish, or give another {flag}"),
+        (("locked", "busy"), "is busy: another sweep (or program) held its write lock longer than "
+                             "this one waits; wait for it to finish, or give another {flag}"),
         (("readonly", "read-only", "permission"), "is not writable ({msg}); fix its permissions or give "
                                                   "another {flag}"),
         (("unable to open",), "cannot be opened ({msg}); check the path and its folder's permissions"),
@@ -190,9 +192,9 @@ class RunStore:
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
         """A short-lived connection; SQLite's complaints about the file become one StoreError.
-        The 30 s busy timeout lets sweeps share a store: each write is one short transaction."""
+        The busy timeout lets sweeps share a store: each write is one short transaction."""
         try:
-            conn = sqlite3.connect(self.path, timeout=30.0)
+            conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s)
         except sqlite3.Error as e:
             raise (self._store_error(e) or e) from None
         try:
