@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import pickle
 import signal
+import threading
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -116,8 +117,18 @@ def _init_process_worker(threads: int) -> None:
     # Ctrl-C in a terminal reaches the whole process group: the driver alone handles it (and
     # terminates the workers), so the workers ignore it instead of each printing a traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A driver killed outright (SIGKILL, the OOM killer, a lost session) cannot stop its pool:
+    # the workers would finish their run, then wait forever for the next one, holding memory
+    # (and a GPU). Each worker watches its parent and exits once it is gone.
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     import torch
     torch.set_num_threads(threads)
+
+
+def _exit_with_parent(parent: int, every_s: float = 1.0) -> None:
+    while os.getppid() == parent:
+        time.sleep(every_s)
+    os._exit(1)  # the driver is gone: no one would store this run
 
 
 def _terminate(pool: ProcessPoolExecutor) -> None:
