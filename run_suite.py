@@ -211,7 +211,7 @@ def cmd_sweep(args, argv: list[str]) -> int:
         ablations=[a for item in args.ablation for a in _split(item)], seeds=args.seeds,
         overrides=parse_overrides(args.set), precision=args.precision)
     specs = keyed(plan(request))
-    log_dir = str(Path(args.store).parent / "logs")
+    log_dir = str(Path(args.store).expanduser().resolve().parent / "logs")  # workers may run elsewhere
     options = RunOptions(data_root=args.data_root, weights_dir=args.weights_dir, device=args.device,
                          eval_batch_size=args.eval_batch_size, quiet=not args.verbose,
                          download=args.download, allow_download=args.allow_download,
@@ -223,6 +223,7 @@ def cmd_sweep(args, argv: list[str]) -> int:
         check_output_dir(args.leaderboard_dir, "--leaderboard-dir")
     if args.executor == "slurm":
         check_output_dir(args.slurm_folder, "--slurm-folder")
+    published = load_published(_records_dir(args))  # read now: a bad file must not wait for the runs
     store = RunStore(args.store)
     todo = [s for s, k in specs if not store.has(k)]
     workers = args.workers or default_workers(len(todo), args.threads or 1)
@@ -277,8 +278,7 @@ def cmd_sweep(args, argv: list[str]) -> int:
               f"next sweep retries them. Logs: {log_dir}/")
         for r in failed:
             print(f"  {r['protocol']} {r['backbone']} {r['label']} seed {r['seed']}: {r['error'].splitlines()[0][:200]}")
-    rep = reproduction([r for _, k in specs if (r := store.get(k)) is not None],
-                       load_published(_records_dir(args)))
+    rep = reproduction([r for _, k in specs if (r := store.get(k)) is not None], published)
     for line in rep.lines():
         print(line)
     if not args.no_render:

@@ -83,6 +83,10 @@ def plan(req: SweepRequest) -> list[RunSpec]:
     specs: list[RunSpec] = []
     for pname in protocols:
         proto = load_protocol(pname)
+        for m in proto.methods:  # a misspelt name would leave the method at its defaults, silently
+            if m not in registry.names():
+                raise SweepError(f"{proto.path}: methods: {m!r} is not a registered method (a typo, or a "
+                                 f"plugin not loaded: --plugin FILE.py); registered: {', '.join(registry.names())}")
         # a YAML path stays a (resolved) path, so workers elsewhere can read it
         where = str(Path(pname).resolve()) if Path(pname).suffix else proto.name
         runs: list[tuple[str, str, str, int, dict]] = [(m, "", "main", 0, {}) for m in methods]

@@ -21,6 +21,7 @@ import pytest
 import run_suite
 from benchmarks.synthetic import write_fashion_mnist
 from leaderboard.store import RunStore
+from methods import registry
 
 REPO = Path(__file__).resolve().parent.parent
 # what must be identical between two runs of one key
@@ -250,6 +251,8 @@ def test_a_failed_run_is_stored_listed_never_shown_and_retried(world, monkeypatc
     flag = d / "fail-now"
     flag.touch()
     monkeypatch.setenv("PROMPTCL_TEST_FAIL", str(flag))
+    registry.names()  # the built-ins, discovered; the plugin's methods are forgotten after the test
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     (d / "failing_plugin.py").write_text(PLUGIN)
     proto = d / "tiny-5t.yaml"
     proto.write_text((tmp / "tiny-5t.yaml").read_text() + "  nan_aux_loss: {epochs: 1}\n"
