@@ -182,6 +182,8 @@ def _check_hparams(proto, runs, overrides: dict[str, dict[str, Any]]) -> None:
         try:
             method_hparams(method, proto)
         except registry.HparamError as e:
+            if method not in proto.methods:  # the method's own defaults: a bug, not the YAML
+                raise
             raise registry.HparamError(f"{proto.path}: methods.{method}: {e}") from None
         try:
             method_hparams(method, proto, overrides.get(method, {}))

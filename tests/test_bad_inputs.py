@@ -59,9 +59,6 @@ class Env:
         path.write_text(text)
         return path
 
-    def yaml(self, name: str, text: str) -> Path:
-        return self.file(name, text)
-
 
 @dataclass
 class Bad:
@@ -313,7 +310,7 @@ class ForeignThing:
 
 def _cifar(env: Env) -> tuple[Path, Path]:
     d = write_cifar100(env.tmp / "cifar", train_per_class=1, test_per_class=1)
-    proto = env.yaml("cifar-10t.yaml", "name: cifar-10t\ndataset: cifar100\nnum_tasks: 10\n"
+    proto = env.file("cifar-10t.yaml", "name: cifar-10t\ndataset: cifar100\nnum_tasks: 10\n"
                                        "backbones: [tiny]\nmethods:\n  head_only: {epochs: 1}\n")
     return d, proto
 
@@ -355,7 +352,7 @@ def _(env):
     root = write_cub200(env.tmp / "cub", num_classes=200, per_class=2)
     for jpg in (root / "images").rglob("*_0000_*.jpg"):  # each class's training image
         _corrupt(jpg)
-    proto = env.yaml("cub-10t.yaml", "name: cub-10t\ndataset: cub200\nnum_tasks: 10\nbackbones: [tiny]\n"
+    proto = env.file("cub-10t.yaml", "name: cub-10t\ndataset: cub200\nnum_tasks: 10\nbackbones: [tiny]\n"
                                      "methods:\n  head_only: {epochs: 1}\n")
     return Bad(["--protocols", str(proto), "--data-root", str(env.tmp / "cub")], str(root / "images"),
                also=["cannot decode this image"])
@@ -365,7 +362,7 @@ def _(env):
 def _(env):
     root = write_cub200(env.tmp / "cub", num_classes=2, per_class=2)
     (root / "images.txt").write_bytes(b"1 \xff\xfe\x00bad\n")
-    proto = env.yaml("cub-2t.yaml", "name: cub-2t\ndataset: cub200\nnum_tasks: 2\nbackbones: [tiny]\n")
+    proto = env.file("cub-2t.yaml", "name: cub-2t\ndataset: cub200\nnum_tasks: 2\nbackbones: [tiny]\n")
     return Bad(["--protocols", str(proto), "--data-root", str(env.tmp / "cub")], str(root / "images.txt"))
 
 
@@ -374,7 +371,7 @@ def _(env):
     root, split = write_imagenet_r_coda(env.tmp / "inr", train_per_class=1, test_per_class=1, real_size=False)
     for rel in (split / "train.txt").read_text().split():
         _corrupt(root / rel)
-    proto = env.yaml("inr-10t.yaml", f"name: inr-10t\ndataset: imagenet_r\nnum_tasks: 10\nbackbones: [tiny]\n"
+    proto = env.file("inr-10t.yaml", f"name: inr-10t\ndataset: imagenet_r\nnum_tasks: 10\nbackbones: [tiny]\n"
                                      f"split_file: {split}\nmethods:\n  head_only: {{epochs: 1}}\n")
     return Bad(["--protocols", str(proto), "--data-root", str(env.tmp / "inr")], str(root),
                also=["cannot decode this image"])
@@ -385,7 +382,7 @@ def _(env):
     root, split = write_imagenet_r_coda(env.tmp / "inr", train_per_class=1, test_per_class=1,
                                         classes=["n01443537", "n01484850"], real_size=False)
     (split / "train.txt").write_bytes(b"n01443537/x.jpg\n\xff\xfe\n")
-    proto = env.yaml("inr-2t.yaml", f"name: inr-2t\ndataset: imagenet_r\nnum_tasks: 2\nbackbones: [tiny]\n"
+    proto = env.file("inr-2t.yaml", f"name: inr-2t\ndataset: imagenet_r\nnum_tasks: 2\nbackbones: [tiny]\n"
                                     f"split_file: {split}\n")
     return Bad(["--protocols", str(proto), "--data-root", str(env.tmp / "inr")], str(split / "train.txt"))
 
@@ -445,44 +442,40 @@ def _(env):
 
 # ------------------------------------------------------------------------------ plugins
 
-def _plugin(env: Env, name: str, code: str) -> Path:
-    return env.file(name, code)
-
-
 @case("plugin raises on import")
 def _(env):
-    p = _plugin(env, "raises.py", "raise RuntimeError('this plugin needs a GPU cluster')\n")
+    p = env.file("raises.py", "raise RuntimeError('this plugin needs a GPU cluster')\n")
     return Bad(["--plugin", str(p)], str(p), also=["this plugin needs a GPU cluster"])
 
 
 @case("plugin with a syntax error")
 def _(env):
-    p = _plugin(env, "syntax.py", "from methods import register\ndef broken(:\n")
+    p = env.file("syntax.py", "from methods import register\ndef broken(:\n")
     return Bad(["--plugin", str(p)], str(p), also=["SyntaxError"])
 
 
 @case("plugin importing a missing package")
 def _(env):
-    p = _plugin(env, "needs.py", "import promptcl_not_installed_anywhere\n")
+    p = env.file("needs.py", "import promptcl_not_installed_anywhere\n")
     return Bad(["--plugin", str(p)], str(p), also=["promptcl_not_installed_anywhere"])
 
 
 @case("plugin registering nothing")
 def _(env):
-    p = _plugin(env, "nothing.py", "from methods.head_only import HeadOnly\nX = 1\n")
+    p = env.file("nothing.py", "from methods.head_only import HeadOnly\nX = 1\n")
     return Bad(["--plugin", str(p)], str(p), also=["registered no method"])
 
 
 @case("plugin taking a built-in name, same class name")
 def _(env):
-    p = _plugin(env, "same.py", "from methods import register\nfrom methods.base import PromptStrategy\n"
+    p = env.file("same.py", "from methods import register\nfrom methods.base import PromptStrategy\n"
                                 "@register('head_only')\nclass HeadOnly(PromptStrategy):\n    pass\n")
     return Bad(["--plugin", str(p)], "'head_only'", also=["already registered"])
 
 
 @case("plugin taking a built-in name, other class")
 def _(env):
-    p = _plugin(env, "other.py", "from methods import register\nfrom methods.head_only import HeadOnly\n"
+    p = env.file("other.py", "from methods import register\nfrom methods.head_only import HeadOnly\n"
                                  "@register('smope')\nclass Faster(HeadOnly):\n    pass\n")
     return Bad(["--plugin", str(p)], "'smope'", also=["already registered"])
 
@@ -492,7 +485,7 @@ def _(env):
     name = "twin"
     code = ("from methods import register\nfrom methods.head_only import HeadOnly\n"
             f"@register('{name}')\nclass Twin(HeadOnly):\n    pass\n")
-    a, b = _plugin(env, "twin_a.py", code), _plugin(env, "twin_b.py", code)
+    a, b = env.file("twin_a.py", code), env.file("twin_b.py", code)
     return Bad(["--plugin", str(a), "--plugin", str(b)], f"'{name}'", also=["already registered"])
 
 
@@ -516,13 +509,13 @@ def _(env):
 
 @case("plugin registering something not a method")
 def _(env):
-    p = _plugin(env, "notamethod.py", "from methods import register\n@register('mine')\nclass Mine:\n    pass\n")
+    p = env.file("notamethod.py", "from methods import register\n@register('mine')\nclass Mine:\n    pass\n")
     return Bad(["--plugin", str(p)], str(p), also=["PromptStrategy"])
 
 
 @case("plugin breaks --list")
 def _(env):
-    p = _plugin(env, "raises.py", "raise ValueError('half-written')\n")
+    p = env.file("raises.py", "raise ValueError('half-written')\n")
     return Bad(["--plugin", str(p), "--list"], str(p))
 
 
@@ -764,27 +757,27 @@ for name, text, what in [
         key = text.split(":")[0]
         lines = [ln for ln in good.splitlines() if not ln.startswith(key + ":")
                  and not (key == "methods" and ln.startswith("  "))]
-        p = env.yaml("bad.yaml", "\n".join(lines + [text]) + "\n")
+        p = env.file("bad.yaml", "\n".join(lines + [text]) + "\n")
         return Bad(["--protocols", str(p)], what, also=[str(p)])
     case(f"protocol yaml: {name}")(_bad_yaml)
 
 
 @case("protocol yaml: settings for an unknown method")
 def _(env):
-    p = env.yaml("bad.yaml", "name: tiny-5t\ndataset: fashion_mnist\nnum_tasks: 5\nbackbones: [tiny]\n"
+    p = env.file("bad.yaml", "name: tiny-5t\ndataset: fashion_mnist\nnum_tasks: 5\nbackbones: [tiny]\n"
                              "methods:\n  head_only: {epochs: 1}\n  smpoe: {epochs: 1}\n")
     return Bad(["--protocols", str(p)], "'smpoe'", also=[str(p)])
 
 
 @case("protocol yaml: not YAML")
 def _(env):
-    p = env.yaml("bad.yaml", "name: [tiny\n  dataset: {\n")
+    p = env.file("bad.yaml", "name: [tiny\n  dataset: {\n")
     return Bad(["--protocols", str(p)], str(p))
 
 
 @case("protocol yaml: not a mapping")
 def _(env):
-    p = env.yaml("bad.yaml", "- fashion_mnist\n- 5\n")
+    p = env.file("bad.yaml", "- fashion_mnist\n- 5\n")
     return Bad(["--protocols", str(p)], str(p))
 
 
@@ -803,14 +796,14 @@ def _(env):
 
 @case("protocol yaml: ablation of an unknown method")
 def _(env):
-    p = env.yaml("bad.yaml", "name: tiny-5t\ndataset: fashion_mnist\nnum_tasks: 5\nbackbones: [tiny]\n"
+    p = env.file("bad.yaml", "name: tiny-5t\ndataset: fashion_mnist\nnum_tasks: 5\nbackbones: [tiny]\n"
                              "ablations:\n  mine: {method: nope, variants: ladder}\n")
     return Bad(["--protocols", str(p), "--methods", "none", "--ablation", "mine"], "'nope'")
 
 
 @case("protocol yaml: ladder of a method without one")
 def _(env):
-    p = env.yaml("bad.yaml", "name: tiny-5t\ndataset: fashion_mnist\nnum_tasks: 5\nbackbones: [tiny]\n"
+    p = env.file("bad.yaml", "name: tiny-5t\ndataset: fashion_mnist\nnum_tasks: 5\nbackbones: [tiny]\n"
                              "ablations:\n  mine: {method: head_only, variants: ladder}\n")
     return Bad(["--protocols", str(p), "--methods", "none", "--ablation", "mine"], "head_only")
 
