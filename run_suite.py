@@ -167,7 +167,7 @@ def cmd_list() -> None:
 
 def cmd_cost(args: argparse.Namespace) -> None:
     from methods import backbones, registry
-    from methods.cost import cost_row
+    from protocols.cost import cost_row
     from protocols.runner import resolve_device
     from protocols.schema import load_protocol
 

@@ -1,10 +1,10 @@
-"""methods.cost on the tiny ViT: parameter and pass counts, and FLOPs that add up (the attention
+"""protocols.cost on the tiny ViT: parameter and pass counts, and FLOPs that add up (the attention
 matmuls included on CPU, the query pass counted)."""
 import pytest
 import torch
 
 from methods import backbones, registry
-from methods.cost import cost_row, count_flops, input_example
+from protocols.cost import cost_row, count_flops, input_example
 
 torch.set_num_threads(1)
 KEYS = {"method", "trainable_params", "head_params", "passes_train", "passes_test", "gflops_train",
