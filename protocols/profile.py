@@ -19,7 +19,9 @@ Timing: the first step of each kind is a warm-up run under `FlopCounterMode` (it
 included, are the step's FLOPs); then timed steps until `steps` are done or `budget_s` is spent
 (at least one). A smaller batch than the method's (`batch_size`, for a CPU) is recorded as
 `batch_size` next to the method's own, `hparams_batch_size`. Input transfer is not timed (the
-loader records measure the pipeline). Peak memory is CUDA's `max_memory_allocated`; on CPU it is
+loader records measure the pipeline). On a CPU shared with other work, `cpu_share` says how
+much of its threads' time the process got while timed (1.0 = a core per thread to itself) and
+`load_avg` the load when the method started; the figures are wall-clock. Peak memory is CUDA's `max_memory_allocated`; on CPU it is
 not measured (null): the process's peak RSS is a lifetime maximum and would charge one method
 with another's allocations.
 """
@@ -109,17 +111,19 @@ def matmul_peak_tflops(device: torch.device, precision: str = "fp32", n: int | N
 
 
 # ---------------------------------------------------------------------- one method
-def _timed(step: Callable[[], None], device: torch.device, steps: int, budget_s: float) -> list[float]:
-    """Seconds of each timed call of `step`: `steps` of them, fewer once `budget_s` is spent."""
+def _timed(step: Callable[[], None], device: torch.device, steps: int,
+           budget_s: float) -> tuple[list[float], float]:
+    """Seconds of each timed call of `step` (`steps` of them, fewer once `budget_s` is spent),
+    and the process CPU seconds they took."""
     times: list[float] = []
-    start = time.perf_counter()
+    cpu0, start = time.process_time(), time.perf_counter()
     while len(times) < steps and (not times or time.perf_counter() - start < budget_s):
         _sync(device)
         t0 = time.perf_counter()
         step()
         _sync(device)
         times.append(time.perf_counter() - t0)
-    return times
+    return times, time.process_time() - cpu0
 
 
 def _batch(vit, size: int, classes: Sequence[int], device: torch.device, seed: int) -> list:
@@ -180,7 +184,7 @@ def profile_method(protocol: str | Protocol, backbone: str, method: str, *,
     train_flops = count_flops(train_step)
     for _ in range(warmup - 1):
         train_step()
-    train_times = _timed(train_step, dev, steps, budget_s)
+    train_times, train_cpu = _timed(train_step, dev, steps, budget_s)
 
     # evaluation: the last task's state, every class seen, under no_grad as `strategy.eval`
     strategy.task_id = strategy.model.task_id = proto.num_tasks - 1
@@ -197,10 +201,13 @@ def profile_method(protocol: str | Protocol, backbone: str, method: str, *,
     eval_flops = count_flops(eval_step)
     for _ in range(warmup - 1):
         eval_step()
-    eval_times = _timed(eval_step, dev, steps, budget_s)
+    eval_times, eval_cpu = _timed(eval_step, dev, steps, budget_s)
 
     peak_mem = torch.cuda.max_memory_allocated(dev) / 2 ** 20 if dev.type == "cuda" else None
     del strategy
+    # on a shared CPU: the share of its threads' time the process got while timed (1 = alone)
+    cpu_share = None if dev.type == "cuda" else (train_cpu + eval_cpu) / (
+        (sum(train_times) + sum(eval_times)) * torch.get_num_threads())
     train_img_s = bs * len(train_times) / sum(train_times)
     eval_img_s = eval_batch_size * len(eval_times) / sum(eval_times)
     train_tflops = train_img_s * train_flops / bs / 1e12
@@ -211,6 +218,7 @@ def profile_method(protocol: str | Protocol, backbone: str, method: str, *,
         "batch_size": bs, "hparams_batch_size": int(hp["batch_size"]),
         "eval_batch_size": eval_batch_size, "threads": torch.get_num_threads(),
         "load_avg": [round(v, 2) for v in load],
+        "cpu_share": None if cpu_share is None else round(cpu_share, 2),
         "train_img_s": _sig(train_img_s), "eval_img_s": _sig(eval_img_s),
         "train_steps": len(train_times), "eval_steps": len(eval_times),
         "train_gflops_per_img": _sig(train_flops / bs / 1e9),
@@ -387,7 +395,8 @@ def format_profile(records: Sequence[dict]) -> str:
              r["train_img_s"], r["eval_img_s"], r["train_gflops_per_img"], r["eval_gflops_per_img"],
              r["train_tflops"], r["eval_tflops"], f"{100 * r['frac_peak_train']:.0f}%",
              f"{100 * r['frac_peak_eval']:.0f}%",
-             "-" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}"] for r in prof]
+             "-" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}",
+             "-" if r.get("cpu_share") is None else r["cpu_share"]] for r in prof]
     out = []
     if prof:
         devices = sorted({(r["device"], r["matmul_tflops"], r["threads"]) for r in prof})
@@ -396,7 +405,7 @@ def format_profile(records: Sequence[dict]) -> str:
         out.append(tabulate(rows, headers=[
             "protocol", "backbone", "method", "prec", "batch/own", "eval batch", "train img/s",
             "eval img/s", "train GFLOP/img", "eval GFLOP/img", "train TFLOP/s", "eval TFLOP/s",
-            "train % peak", "eval % peak", "peak MB"], tablefmt="github"))
+            "train % peak", "eval % peak", "peak MB", "CPU share"], tablefmt="github"))
     loader = [r for r in records if r["kind"] == "loader"]
     if loader:
         rows = [[r["protocol"], r["image_size"], "x".join(map(str, r["mean_px"] or [])) or "-",
