@@ -27,7 +27,7 @@ import torch
 from benchmarks import classes_per_exp, dataset_facts
 from methods import backbones, registry
 
-from .profile import device_name, matmul_peak_tflops, profile_method
+from .profile import device_name, profile_method
 from .runner import RunSpec, resolve, resolve_device
 from .schema import Protocol, load_protocol
 
@@ -113,7 +113,6 @@ def estimate(specs: Sequence[RunSpec], profiles: Sequence[dict], *, device: str 
     dev = resolve_device(device)
     measured: dict[tuple, dict] = {}
     vits: dict[str, object] = {}
-    peak: list[float] = []
     out = []
     for spec in specs:
         proto = load_protocol(spec.protocol)
@@ -134,15 +133,13 @@ def estimate(specs: Sequence[RunSpec], profiles: Sequence[dict], *, device: str 
                         f"--dry-run measure it")
                 if spec.backbone not in vits:
                     vits[spec.backbone] = backbones.load(spec.backbone, random_init=True).vit
-                if not peak:
-                    peak.append(matmul_peak_tflops(dev, spec.precision, min_time_s=0.2))
                 if progress:
                     progress(f"measuring {spec.method} on {proto.name} / {spec.backbone} ...")
                 measured[mkey] = profile_method(
                     proto, spec.backbone, spec.method, vit=vits[spec.backbone], device=dev,
                     precision=spec.precision, batch_size=batch_size,
                     eval_batch_size=eval_batch_size, steps=steps, budget_s=budget_s,
-                    overrides=spec.overrides, peak_tflops=peak[0])
+                    overrides=spec.overrides)
             record = measured[mkey]
             basis = _describe(record, measured=True)
         train, stages, evaluation = run_seconds(proto, spec.method, hparams,

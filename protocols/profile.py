@@ -2,8 +2,9 @@
 
 Per method, with random backbone weights and synthetic tensors at the backbone's input size (no
 data, no weights): images/s of the training step and of evaluation, their FLOPs, the fraction of
-the device's matmul peak (measured in the same run) they sustain, and peak memory; per protocol,
-the data pipeline's images/s for each DataLoader worker count. The records go to
+the device's matmul peak they sustain, and peak memory; per protocol, the data pipeline's images/s
+for each DataLoader worker count. The matmul peak is measured within each method's profile, just
+before its timed steps, so that on a shared CPU both see about the same load. The records go to
 `leaderboard/profiles/<device-slug>.jsonl`, where `--dry-run` (`protocols.estimate`) reads them.
 
 The training step is the strategy's own: `training_epoch()` on a one-batch "loader", so the
@@ -152,8 +153,6 @@ def profile_method(protocol: str | Protocol, backbone: str, method: str, *,
     num_classes = dataset_facts(proto.dataset).num_classes
     hp = registry.resolve_hparams(method, proto.name, proto.methods.get(method, {}), overrides or {})
     bs = int(batch_size or hp["batch_size"])
-    if peak_tflops is None:
-        peak_tflops = matmul_peak_tflops(dev, precision)
     cost = cost_row(method, vit, num_classes, hp, device=dev)
     cost.pop("method")
 
@@ -184,6 +183,8 @@ def profile_method(protocol: str | Protocol, backbone: str, method: str, *,
     train_flops = count_flops(train_step)
     for _ in range(warmup - 1):
         train_step()
+    if peak_tflops is None:  # measured next to the steps, so a shared CPU's load is about the same
+        peak_tflops = matmul_peak_tflops(dev, precision)
     train_times, train_cpu = _timed(train_step, dev, steps, budget_s)
 
     # evaluation: the last task's state, every class seen, under no_grad as `strategy.eval`
@@ -353,10 +354,8 @@ def profile(protocols: Sequence[str], backbones_: Sequence[str], methods: Sequen
         torch.set_num_threads(threads)
     dev = resolve_device(device)
     name = device_name(dev)
-    peak = matmul_peak_tflops(dev, precision)
     if progress:
-        progress(f"{name}: matmul peak {peak:.3g} TFLOP/s ({precision}, "
-                 f"{torch.get_num_threads()} threads)")
+        progress(f"{name}, {precision}, {torch.get_num_threads()} threads")
     workers = default_workers() if loader_workers is None else list(loader_workers)
     records: list[dict] = []
     for pname in protocols:
@@ -368,11 +367,12 @@ def profile(protocols: Sequence[str], backbones_: Sequence[str], methods: Sequen
                 rec = profile_method(proto, bb, m, vit=vit, device=dev, precision=precision,
                                      batch_size=batch_size, eval_batch_size=eval_batch_size,
                                      steps=steps, budget_s=budget_s,
-                                     overrides=(overrides or {}).get(m), peak_tflops=peak)
+                                     overrides=(overrides or {}).get(m))
                 records.append(rec)
                 if progress:
                     progress(f"  {proto.name} {bb} {m}: train {rec['train_img_s']:.4g} img/s, "
-                             f"eval {rec['eval_img_s']:.4g} img/s ({time.time() - t0:.0f} s)")
+                             f"eval {rec['eval_img_s']:.4g} img/s, matmul peak "
+                             f"{rec['matmul_tflops']:.4g} TFLOP/s ({time.time() - t0:.0f} s)")
         if workers:
             loader = loader_throughput(proto, backbones_[0], workers, batch_size=loader_batch_size,
                                        device_label=name)
@@ -395,17 +395,17 @@ def format_profile(records: Sequence[dict]) -> str:
              r["train_img_s"], r["eval_img_s"], r["train_gflops_per_img"], r["eval_gflops_per_img"],
              r["train_tflops"], r["eval_tflops"], f"{100 * r['frac_peak_train']:.0f}%",
              f"{100 * r['frac_peak_eval']:.0f}%",
-             "-" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}",
+             r["matmul_tflops"], "-" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}",
              "-" if r.get("cpu_share") is None else r["cpu_share"]] for r in prof]
     out = []
     if prof:
-        devices = sorted({(r["device"], r["matmul_tflops"], r["threads"]) for r in prof})
-        for d, peak, threads in devices:
-            out.append(f"{d}, {threads} thread(s): matmul peak {peak} TFLOP/s")
+        for d, threads in sorted({(r["device"], r["threads"]) for r in prof}):
+            out.append(f"{d}, {threads} thread(s)")
         out.append(tabulate(rows, headers=[
             "protocol", "backbone", "method", "prec", "batch/own", "eval batch", "train img/s",
             "eval img/s", "train GFLOP/img", "eval GFLOP/img", "train TFLOP/s", "eval TFLOP/s",
-            "train % peak", "eval % peak", "peak MB", "CPU share"], tablefmt="github"))
+            "train % peak", "eval % peak", "matmul TFLOP/s", "peak MB", "CPU share"],
+            tablefmt="github"))
     loader = [r for r in records if r["kind"] == "loader"]
     if loader:
         rows = [[r["protocol"], r["image_size"], "x".join(map(str, r["mean_px"] or [])) or "-",
