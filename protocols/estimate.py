@@ -22,8 +22,6 @@ import json
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-import torch
-
 from benchmarks import classes_per_exp, dataset_facts
 from methods import backbones, registry
 
@@ -175,7 +173,8 @@ def format_estimates(estimates: Sequence[RunEstimate], device: str = "",
     groups: dict[tuple, list[RunEstimate]] = {}
     for e in estimates:
         s = e.spec
-        groups.setdefault((s.protocol, s.backbone, s.display_label, s.table, s.precision), []).append(e)
+        key = (s.protocol, s.backbone, s.display_label, s.table, s.precision)
+        groups.setdefault(key, []).append(e)
     rows = []
     for (protocol, backbone, label, _, precision), es in groups.items():
         one = es[0]
@@ -186,8 +185,9 @@ def format_estimates(estimates: Sequence[RunEstimate], device: str = "",
     table = tabulate(rows, headers=["protocol", "backbone", "method", "runs", "train", "stages",
                                     "eval", "per run", "all runs", "basis"], tablefmt="github")
     total = total_seconds(estimates)
-    lines = [table, "", f"total: {len(estimates)} runs, {human(total)} ({total / 3600:,.0f} h) "
-                        f"one after another" + (f" on {device}" if device else "")]
+    hours = f" ({total / 3600:,.0f} h)" if total >= 2 * 86400 else ""
+    lines = [table, "", f"total: {len(estimates)} runs, {human(total)}{hours} one after another"
+                        + (f" on {device}" if device else "")]
     for protocol in dict.fromkeys(e.spec.protocol for e in estimates):
         loader = [r for r in loader_records if r.get("protocol") == protocol]
         if not loader:

@@ -22,9 +22,9 @@ included, are the step's FLOPs); then timed steps until `steps` are done or `bud
 `batch_size` next to the method's own, `hparams_batch_size`. Input transfer is not timed (the
 loader records measure the pipeline). On a CPU shared with other work, `cpu_share` says how
 much of its threads' time the process got while timed (1.0 = a core per thread to itself) and
-`load_avg` the load when the method started; the figures are wall-clock. Peak memory is CUDA's `max_memory_allocated`; on CPU it is
-not measured (null): the process's peak RSS is a lifetime maximum and would charge one method
-with another's allocations.
+`load_avg` the load when the method started; every figure is wall-clock. Peak memory is CUDA's
+`max_memory_allocated`; on CPU it is not measured (null): the process's peak RSS is a lifetime
+maximum and would charge one method with another's allocations.
 """
 from __future__ import annotations
 
@@ -90,7 +90,8 @@ def _now() -> str:
 def matmul_peak_tflops(device: torch.device, precision: str = "fp32", n: int | None = None,
                        min_time_s: float = 1.0) -> float:
     """The device's dense matmul rate, TFLOP/s: the best of repeated n x n products in fp32 (bf16
-    with `precision="bf16"`) after a warm-up; 2 n^3 FLOPs each. What "fraction of peak" divides by."""
+    with `precision="bf16"`) after a warm-up; 2 n^3 FLOPs each: what "fraction of peak" divides
+    by."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     n = n or (8192 if device.type == "cuda" else 2048)
     inner = 10 if device.type == "cuda" else 1
@@ -151,7 +152,8 @@ def profile_method(protocol: str | Protocol, backbone: str, method: str, *,
         vit = backbones.load(backbone, random_init=True).vit
     vit = vit.to(dev)
     num_classes = dataset_facts(proto.dataset).num_classes
-    hp = registry.resolve_hparams(method, proto.name, proto.methods.get(method, {}), overrides or {})
+    hp = registry.resolve_hparams(method, proto.name, proto.methods.get(method, {}),
+                                  overrides or {})
     bs = int(batch_size or hp["batch_size"])
     cost = cost_row(method, vit, num_classes, hp, device=dev)
     cost.pop("method")
@@ -225,7 +227,8 @@ def profile_method(protocol: str | Protocol, backbone: str, method: str, *,
         "train_gflops_per_img": _sig(train_flops / bs / 1e9),
         "eval_gflops_per_img": _sig(eval_flops / eval_batch_size / 1e9),
         "peak_mem_mb": None if peak_mem is None else round(peak_mem, 1),
-        "peak_mem_source": "cuda max_memory_allocated" if peak_mem is not None else "not measured on CPU",
+        "peak_mem_source": ("cuda max_memory_allocated" if peak_mem is not None
+                            else "not measured on CPU"),
         "matmul_tflops": _sig(peak_tflops), "train_tflops": _sig(train_tflops),
         "eval_tflops": _sig(eval_tflops), "frac_peak_train": _sig(train_tflops / peak_tflops),
         "frac_peak_eval": _sig(eval_tflops / peak_tflops),
@@ -243,7 +246,8 @@ def _write_synthetic(dataset: str, root: Path) -> None:
     """Every class of `dataset` in its real on-disk format, ~600 training images in all."""
     n = dataset_facts(dataset).num_classes
     if dataset == "fashion_mnist":
-        synthetic.write_fashion_mnist(root / "fashion-mnist", train_per_class=600 // n, test_per_class=1)
+        synthetic.write_fashion_mnist(root / "fashion-mnist", train_per_class=600 // n,
+                                      test_per_class=1)
     elif dataset == "cifar100":
         synthetic.write_cifar100(root, train_per_class=600 // n, test_per_class=1)
     elif dataset == "imagenet_r":  # 4 per class: 3 train, 1 test under the 80/20 split
@@ -255,7 +259,8 @@ def _write_synthetic(dataset: str, root: Path) -> None:
 
 
 def loader_throughput(protocol: str | Protocol, backbone: str, workers: Iterable[int], *,
-                      batch_size: int = 32, device_label: str | None = None) -> list[dict[str, Any]]:
+                      batch_size: int = 32, device_label: str | None = None
+                      ) -> list[dict[str, Any]]:
     """Loader records: images/s of the protocol's training pipeline (reader, decode, its train
     transform at `backbone`'s input size, Avalanche's dataset, a shuffling DataLoader) for each
     worker count, on synthetic files in the real format written to a temporary folder. The first
@@ -271,7 +276,8 @@ def loader_throughput(protocol: str | Protocol, backbone: str, workers: Iterable
         root = Path(tmp)
         _write_synthetic(proto.dataset, root)
         info = build_stream(proto.dataset, data_root=root, seed=0, num_tasks=proto.num_tasks,
-                            image_size=spec.image_size, in_chans=spec.in_chans, augment=proto.augment,
+                            image_size=spec.image_size, in_chans=spec.in_chans,
+                            augment=proto.augment,
                             eval_resize=proto.eval_resize)
         data = concat_datasets([e.dataset for e in info.benchmark.train_stream]).train()
         jpegs = [p for p in root.rglob("*.jpg")]
@@ -332,7 +338,8 @@ def write_records(records: Iterable[dict], path: str | Path) -> Path:
     return path
 
 
-def load_profiles(device: str | torch.device = "auto", folder: str | Path = PROFILE_DIR) -> list[dict]:
+def load_profiles(device: str | torch.device = "auto",
+                  folder: str | Path = PROFILE_DIR) -> list[dict]:
     """The stored profile and loader records of `device` (this machine's by default)."""
     dev = resolve_device(device) if isinstance(device, str) else device
     name = device_name(dev)

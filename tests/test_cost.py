@@ -61,7 +61,8 @@ def test_attention_backward_flops_are_counted_on_cpu():
 
     shape = (2, 4, 50, 16)
     q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
-    fwd = count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
-    step = count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v).sum().backward())
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    fwd = count_flops(lambda: sdpa(q, k, v))
+    step = count_flops(lambda: sdpa(q, k, v).sum().backward())
     assert fwd == sdpa_flop_count(shape, shape, shape) > 0
     assert step == fwd + sdpa_backward_flop_count(shape, shape, shape, shape)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from helpers import make_strategy, stream
-from protocols.estimate import estimate, format_estimates, run_seconds, split_sizes, total_seconds
-from protocols.profile import (loader_throughput, profile_method, read_records, write_records)
+from protocols.estimate import estimate, format_estimates, split_sizes, total_seconds
+from protocols.profile import loader_throughput, profile_method, read_records, write_records
 from protocols.runner import RunSpec
 from protocols.schema import load_protocol
 
@@ -33,7 +33,8 @@ def l2p_record(tiny):
 def test_profile_record_has_the_schema_with_sane_values(l2p_record):
     r = l2p_record
     assert PROFILE_FIELDS <= set(r) and set(r["cost"]) == COST_FIELDS
-    assert (r["kind"], r["protocol"], r["backbone"], r["method"]) == ("profile", "fmnist-5t", "tiny", "l2p")
+    assert (r["kind"], r["protocol"], r["backbone"], r["method"]) == (
+        "profile", "fmnist-5t", "tiny", "l2p")
     assert r["device"].startswith("cpu (") and r["threads"] == 1
     # a smaller batch than the method's is recorded as such, never as the real one
     assert (r["batch_size"], r["hparams_batch_size"], r["eval_batch_size"]) == (4, 32, 8)
@@ -154,8 +155,8 @@ def test_declared_task_stages_match_the_vit_passes_a_task_runs(tiny, method, ove
 
 def test_records_are_written_sorted_and_stable(tmp_path):
     records = [_record(m, p) for m in ("smope", "l2p") for p in ("fmnist-5t", "cifar100-10t")]
-    records.append({"kind": "loader", "created": "2026-01-01T00:00:00+00:00", "device": "cpu (test)",
-                    "protocol": "fmnist-5t", "workers": 2, "img_s": 10.0})
+    records.append({"kind": "loader", "created": "2026-01-01T00:00:00+00:00",
+                    "device": "cpu (test)", "protocol": "fmnist-5t", "workers": 2, "img_s": 10.0})
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     write_records(records, a)
     shuffled = list(records)
