@@ -32,8 +32,8 @@ def load_plugins(specs: list[str]) -> list[str]:
 def cost_rows(protocols: list[str], backbone_choice: str, methods: list[str],
               overrides: dict[str, dict], *, weights_dir: str | None, random_init: bool,
               allow_download: bool, device: str) -> list[dict]:
-    """One cost row per protocol x backbone x method (see `methods.cost.cost_row`)."""
-    from methods.cost import cost_row
+    """One cost row per protocol x backbone x method (see `protocols.cost.cost_row`)."""
+    from .cost import cost_row
 
     from .runner import method_hparams, resolve_device
     from .sweep import _backbones_for

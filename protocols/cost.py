@@ -7,28 +7,37 @@ of one image at the backbone's input size with `torch.utils.flop_counter.FlopCou
 as a training step runs it and once as evaluation does (`PromptStrategy.cost_forward`), query pass
 included. FLOPs are 2 x multiply-accumulates, forward only.
 
-On CPU, `scaled_dot_product_attention` dispatches to an op the counter does not know
-(`_scaled_dot_product_flash_attention_for_cpu`), which would silently drop the attention matmuls;
-it is mapped to the counter's own SDPA formula so that CPU and GPU counts agree.
+On CPU, `scaled_dot_product_attention` dispatches to ops the counter does not know
+(`_scaled_dot_product_flash_attention_for_cpu` and its backward), which would silently drop the
+attention matmuls; they are mapped to the counter's own SDPA formulas so that CPU and GPU counts
+agree (`protocols.profile` counts whole training steps, backward included, with `count_flops`).
 """
 from __future__ import annotations
 
 from typing import Any, Callable
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from . import registry
-from .vit import PromptedViT
+from methods import registry
+from methods.vit import PromptedViT
 
 
 def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
+def _cpu_sdpa_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args,
+                            out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
 _EXTRA_FLOP_FORMULAS = {}
 if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
     _EXTRA_FLOP_FORMULAS[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_sdpa_flop
+if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
+    _EXTRA_FLOP_FORMULAS[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward] = (
+        _cpu_sdpa_backward_flop)
 
 
 def count_flops(fn: Callable[[], Any]) -> int:
