@@ -253,7 +253,7 @@ def cmd_sweep(args, argv: list[str]) -> int:
 def cmd_cost(args) -> None:
     import json
 
-    from protocols.catalog import cost_rows
+    from protocols.cost import cost_rows
     from protocols.sweep import parse_overrides
 
     rows = cost_rows(_split(args.protocols), args.backbones, _split(args.methods) if args.methods != "all" else ["all"],

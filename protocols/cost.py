@@ -75,3 +75,27 @@ def cost_row(method: str, vit: PromptedViT, num_classes: int, hparams: dict | No
         "gflops_train": flops[True] / 1e9,
         "gflops_test": flops[False] / 1e9,
     }
+
+
+def cost_rows(protocols: list[str], backbone_choice: str, methods: list[str],
+              overrides: dict[str, dict], *, weights_dir: str | None, random_init: bool,
+              allow_download: bool, device: str) -> list[dict]:
+    """One cost row per protocol x backbone x method (`--cost`)."""
+    from methods import backbones
+
+    from .runner import method_hparams, resolve_device
+    from .schema import load_protocol
+    from .sweep import _backbones_for
+
+    methods = registry.names() if methods == ["all"] else methods
+    rows = []
+    for pname in protocols:
+        proto = load_protocol(pname)
+        for bb in _backbones_for(proto, backbone_choice if backbone_choice in ("default", "all")
+                                 else backbone_choice.split(",")):
+            vit = backbones.load(bb, weights_dir, random_init, allow_download).vit
+            for m in methods:
+                hp = method_hparams(m, proto, overrides.get(m, {}))
+                row = cost_row(m, vit, proto.num_classes, hp, device=str(resolve_device(device)))
+                rows.append({"protocol": proto.name, "backbone": bb, **row})
+    return rows
