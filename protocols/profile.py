@@ -28,7 +28,6 @@ maximum and would charge one method with another's allocations.
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import re
@@ -44,11 +43,8 @@ from benchmarks import build_stream, classes_per_exp, dataset_facts, synthetic
 from methods import backbones, registry
 
 from .cost import cost_row, count_flops
-from .runner import resolve_device, versions
+from .runner import method_hparams, resolve_device, versions
 from .schema import Protocol, load_protocol
-
-PROFILE_DIR = Path(__file__).resolve().parent.parent / "leaderboard" / "profiles"
-
 
 # ---------------------------------------------------------------------- the device
 def _cpu_model() -> str:
@@ -72,10 +68,6 @@ def device_name(device: torch.device) -> str:
 def device_slug(name: str) -> str:
     """File-name form of a device name: "cpu-2-cores-amd-epyc"."""
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
-def profile_path(device_name_: str, folder: str | Path = PROFILE_DIR) -> Path:
-    return Path(folder) / f"{device_slug(device_name_)}.jsonl"
 
 
 def _sync(device: torch.device) -> None:
@@ -151,9 +143,8 @@ def profile_method(protocol: str | Protocol, backbone: str, method: str, *,
     if vit is None:
         vit = backbones.load(backbone, random_init=True).vit
     vit = vit.to(dev)
-    num_classes = dataset_facts(proto.dataset).num_classes
-    hp = registry.resolve_hparams(method, proto.name, proto.methods.get(method, {}),
-                                  overrides or {})
+    num_classes = proto.num_classes
+    hp = method_hparams(method, proto, overrides or {})
     bs = int(batch_size or hp["batch_size"])
     cost = cost_row(method, vit, num_classes, hp, device=dev)
     cost.pop("method")
@@ -312,51 +303,16 @@ def default_workers() -> list[int]:
     return [0] + [2 ** i for i in range(cpus.bit_length()) if 2 ** i <= cpus]
 
 
-# ---------------------------------------------------------------------- records on disk
-def _order(r: dict) -> tuple:
-    return (r.get("kind", ""), r.get("protocol", ""), r.get("backbone", ""), r.get("method", ""),
-            r.get("precision", ""), r.get("workers", -1), r.get("batch_size", 0),
-            r.get("created", ""), json.dumps(r, sort_keys=True))
-
-
-def read_records(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def write_records(records: Iterable[dict], path: str | Path) -> Path:
-    """Add `records` to the JSON-lines file at `path`: the union with what is there, without exact
-    duplicates, sorted (kind, protocol, backbone, method, precision, workers, batch, created), one
-    record per line with sorted keys, so the same records always give the same bytes."""
-    path = Path(path)
-    merged = {json.dumps(r, sort_keys=True): r for r in [*read_records(path), *records]}
-    lines = [json.dumps(r, sort_keys=True) for r in sorted(merged.values(), key=_order)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(line + "\n" for line in lines))
-    return path
-
-
-def load_profiles(device: str | torch.device = "auto",
-                  folder: str | Path = PROFILE_DIR) -> list[dict]:
-    """The stored profile and loader records of `device` (this machine's by default)."""
-    dev = resolve_device(device) if isinstance(device, str) else device
-    name = device_name(dev)
-    return [r for r in read_records(profile_path(name, folder)) if r.get("device") == name]
-
-
 # ---------------------------------------------------------------------- the whole profile
 def profile(protocols: Sequence[str], backbones_: Sequence[str], methods: Sequence[str], *,
             device: str = "auto", precision: str = "fp32", batch_size: int | None = None,
             eval_batch_size: int = 256, threads: int | None = None, steps: int = 3,
             budget_s: float = 30.0, loader_workers: Sequence[int] | None = None,
             loader_batch_size: int = 32, overrides: dict[str, dict] | None = None,
-            out_dir: str | Path | None = PROFILE_DIR,
             progress: Callable[[str], None] | None = print) -> list[dict]:
     """Profile every method on every protocol x backbone, plus each protocol's loader for every
-    worker count (`loader_workers` None: `default_workers()`, [] : none); append the records to
-    `<out_dir>/<device-slug>.jsonl` (None: write nothing) and return them."""
+    worker count (`loader_workers` None: `default_workers()`, [] : none), and return the records
+    (the caller keeps them: `leaderboard.records.add_measurements`)."""
     if threads:
         torch.set_num_threads(threads)
     dev = resolve_device(device)
@@ -387,8 +343,6 @@ def profile(protocols: Sequence[str], backbones_: Sequence[str], methods: Sequen
             if progress:
                 progress(f"  {proto.name} loader: " + ", ".join(
                     f"{r['workers']} workers {r['img_s']:.4g} img/s" for r in loader))
-    if out_dir is not None:
-        write_records(records, profile_path(name, out_dir))
     return records
 
 

@@ -10,7 +10,8 @@ import torch
 
 from helpers import make_strategy, stream
 from protocols.estimate import estimate, format_estimates, split_sizes, total_seconds
-from protocols.profile import loader_throughput, profile_method, read_records, write_records
+from leaderboard.records import add_measurements as write_records, load_measurements_file as read_records
+from protocols.profile import loader_throughput, profile_method
 from protocols.runner import RunSpec
 from protocols.schema import load_protocol
 
