@@ -4,7 +4,7 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 FMNIST_DEB_DIR := /usr/share/datasets/fashion-mnist
-SUITE_ARGS ?= --methods all --seeds 5
+SUITE_ARGS ?= --methods all --ablation all --seeds 5
 
 .PHONY: suite test venv data clean
 

@@ -289,7 +289,7 @@ def cmd_sweep(args, argv: list[str]) -> int:
 def cmd_cost(args) -> None:
     import json
 
-    from protocols.catalog import cost_rows
+    from protocols.cost import cost_rows
     from protocols.sweep import check_device, parse_overrides
 
     check_device(args.device)

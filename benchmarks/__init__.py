@@ -12,7 +12,7 @@ This package never imports ``methods``, ``protocols`` or ``leaderboard``.
 from .cifar100 import load_cifar100
 from .common import DataError, DataNotFoundError, LoadedData
 from .cub200 import load_cub200
-from .facts import DATASET_FACTS, DatasetFacts
+from .facts import DATASET_FACTS, DatasetFacts, dataset_facts
 from .fashion_mnist import load_fashion_mnist
 from .imagenet_r import CODA_SPLIT_SHA256, load_imagenet_r
 from .streams import (DATASETS, SUBSAMPLE_SEED, StreamInfo, build_stream, class_order, classes_per_exp,

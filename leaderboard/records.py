@@ -272,21 +272,25 @@ def load_measurements(directory: str | Path) -> list[dict[str, Any]]:
     return out
 
 
-def add_measurements(records: Iterable[Mapping[str, Any]], directory: str | Path) -> list[Path]:
-    """Append profile or smoke records to `<directory>/<device slug>.jsonl` (sorted, one per
-    line, exact duplicates dropped): measurements accumulate per device, like results."""
-    directory = Path(directory)
-    by_file: dict[Path, list[Mapping[str, Any]]] = {}
-    for r in records:
-        by_file.setdefault(directory / f"{_slug(r.get('device', 'unknown'))}.jsonl", []).append(r)
-    directory.mkdir(parents=True, exist_ok=True)
-    for path, new in sorted(by_file.items()):
-        old = load_measurements_file(path) if path.is_file() else []
-        lines = sorted({dumps(r) for r in [*old, *new]})
-        _write_atomic(path, "".join(line + "\n" for line in lines))
-    return sorted(by_file)
+def _measurement_order(r: Mapping[str, Any]) -> tuple:
+    return (r.get("kind", ""), r.get("protocol", ""), r.get("backbone", ""), r.get("method", ""),
+            r.get("precision", ""), r.get("workers", -1), r.get("batch_size", 0),
+            r.get("created", ""), dumps(r))
+
+
+def add_measurements(records: Iterable[Mapping[str, Any]], path: str | Path) -> Path:
+    """Add profile or smoke records to the JSON-lines file `path` (one per device: measurements
+    accumulate per device, like results): the union with what is there, exact duplicates dropped,
+    sorted by kind, protocol, backbone, method, precision, workers, batch and date, so the same
+    records always give the same bytes."""
+    path = Path(path)
+    old = load_measurements_file(path) if path.is_file() else []
+    merged = {dumps(r): dict(r) for r in [*old, *records]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(path, "".join(dumps(r) + "\n" for r in sorted(merged.values(), key=_measurement_order)))
+    return path
 
 
 def load_measurements_file(path: Path) -> list[dict[str, Any]]:
-    with path.open(encoding="utf-8") as fh:
+    with Path(path).open(encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]

@@ -23,7 +23,7 @@ import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, fields
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar, Iterator, NamedTuple
 
 import torch
 from avalanche.evaluation.metrics import accuracy_metrics
@@ -120,6 +120,13 @@ def _timer(acc: dict[str, float], key: str):
         yield
     finally:
         acc[key] += time.perf_counter() - t0
+
+
+class TaskStages(NamedTuple):
+    """Work a task adds to its `epochs` training epochs, per training image of the task (what a
+    cost estimate needs to know of a method's per-task stages)."""
+    extra_epochs: float = 0.0  # more epochs of the training step (SMoPE's task-0 dense warm-up)
+    no_grad_passes: float = 0.0  # no-grad ViT passes: statistics, counting, HiDe's TII stage
 
 
 def quiet_evaluator() -> EvaluationPlugin:
@@ -232,6 +239,11 @@ class PromptStrategy(SupervisedTemplate):
                 self.eval(test_stream[:i + 1])
             yield i
 
+    @classmethod
+    def task_stages(cls, hp: Any, task: int) -> TaskStages:
+        """The ViT work of task `task`'s stages beyond its epochs (`hp`: an `Hparams`); none here."""
+        return TaskStages()
+
     # ------------------------------------------------------------------ optimizer and schedule
     def _new_optimizer(self, model: nn.Module | None = None, groups: list[dict] | None = None):
         hp = self.hp
@@ -341,7 +353,7 @@ class PromptStrategy(SupervisedTemplate):
     # ------------------------------------------------------------------ cost measurement
     def cost_forward(self, x: Tensor, training: bool) -> Tensor:
         """One forward of `x` as a training (`training=True`) or evaluation step runs it, for the
-        cost table's FLOP count (`methods.cost`). A strategy that has not trained yet is put in its
+        cost table's FLOP count (`protocols.cost`). A strategy that has not trained yet is put in its
         first task (task 0, every class current) so task-dependent forwards work; a method whose
         forward needs more set-up overrides this."""
         if self.task_id < 0:

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .alignment import AlignmentConfig, ClassStatistics, align_classifier, collect_features
-from .base import Hparams, PromptModel, PromptStrategy
+from .base import Hparams, PromptModel, PromptStrategy, TaskStages
 from .registry import register
 from .vit import PromptedViT
 
@@ -210,6 +210,13 @@ class HiDePrompt(PromptStrategy):
                 {"params": list(m.head.parameters()), "lr": self.hp.lr * self.hp.head_lr_mult}]
 
     # ------------------------------------------------------------------ per-task stages
+    @classmethod
+    def task_stages(cls, hp: HiDeHparams, task: int) -> TaskStages:
+        """Stage 1's frozen passes (one per TII epoch, or one cached) and its statistics pass,
+        then `task_end`'s prompted statistics pass."""
+        stage1 = 1 if hp.tii_cache_features else hp.tii_epochs + 1
+        return TaskStages(no_grad_passes=stage1 + 1)
+
     def task_start(self) -> None:
         t, m = self.task_id, self.model
         if t >= self.hp.pool_size:

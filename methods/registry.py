@@ -73,7 +73,8 @@ def _discover() -> None:
     if _discovered:
         return
     _discovered = True
-    for info in sorted(pkgutil.iter_modules(sys.modules[__package__].__path__), key=lambda m: m.name):
+    package = importlib.import_module(__package__)
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
         importlib.import_module(f"{__package__}.{info.name}")
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         obj = ep.load()

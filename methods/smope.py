@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .alignment import AlignmentConfig, ClassStatistics, align_classifier, collect_features
-from .base import Hparams, PromptModel, PromptStrategy
+from .base import Hparams, PromptModel, PromptStrategy, TaskStages
 from .registry import register
 from .vit import PromptedViT
 
@@ -391,6 +391,14 @@ class SMoPE(PromptStrategy):
             self.clock.train_exp_iterations = 0  # the cosine restarts with the new optimizer
         self.train_epochs = epochs
         super()._train_exp(experience, eval_streams, **kwargs)
+
+    @classmethod
+    def task_stages(cls, hp: SMoPEHparams, task: int) -> TaskStages:
+        """Task 0's int(E/2) dense epochs, and the one or two no-grad passes of `task_end`."""
+        count = (hp.sparse and (hp.noise or hp.exclude_unused)) or hp.proto_loss
+        passes = int(hp.alignment) + int(count and (not hp.alignment or hp.exclude_unused))
+        warmup = int(0.5 * hp.epochs) if task == 0 and hp.dense_warmup else 0
+        return TaskStages(extra_epochs=warmup, no_grad_passes=passes)
 
     def aux_loss(self) -> Tensor | None:
         hp, m = self.hp, self.model

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from torch import Tensor, nn
 
 from .alignment import AlignmentConfig, ClassStatistics, align_classifier, collect_features
-from .base import Hparams, PromptModel, PromptStrategy
+from .base import Hparams, PromptModel, PromptStrategy, TaskStages
 from .registry import register
 from .vit import PromptedViT
 
@@ -152,6 +152,11 @@ class VQPrompt(PromptStrategy):
 
     def aux_loss(self) -> Tensor | None:
         return self.model.vq_loss
+
+    @classmethod
+    def task_stages(cls, hp: VQPromptHparams, task: int) -> TaskStages:
+        """The statistics pass of `task_end`: query pass + prompted pass, no grad."""
+        return TaskStages(no_grad_passes=2)
 
     def task_end(self) -> None:
         """Statistics of the new classes' prompted features, then (t > 0) the head re-fit."""

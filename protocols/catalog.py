@@ -28,25 +28,3 @@ def load_plugins(specs: list[str]) -> list[str]:
     """Import method plugins (`--plugin FILE.py|module`); the names they registered."""
     return [name for spec in specs for name in registry.load_plugin(spec)]
 
-
-def cost_rows(protocols: list[str], backbone_choice: str, methods: list[str],
-              overrides: dict[str, dict], *, weights_dir: str | None, random_init: bool,
-              allow_download: bool, device: str) -> list[dict]:
-    """One cost row per protocol x backbone x method (see `methods.cost.cost_row`)."""
-    from methods.cost import cost_row
-
-    from .runner import method_hparams, resolve_device
-    from .sweep import _backbones_for
-
-    methods = registry.names() if methods == ["all"] else methods
-    rows = []
-    for pname in protocols:
-        proto = load_protocol(pname)
-        for bb in _backbones_for(proto, backbone_choice if backbone_choice in ("default", "all")
-                                 else backbone_choice.split(",")):
-            vit = backbones.load(bb, weights_dir, random_init, allow_download).vit
-            for m in methods:
-                hp = method_hparams(m, proto, overrides.get(m, {}))
-                row = cost_row(m, vit, proto.num_classes, hp, device=str(resolve_device(device)))
-                rows.append({"protocol": proto.name, "backbone": bb, **row})
-    return rows

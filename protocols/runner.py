@@ -30,8 +30,8 @@ from tqdm import tqdm
 
 from benchmarks import build_stream
 from methods import backbones, registry
-from methods.cost import cost_row
 
+from .cost import cost_row
 from .metrics import summarize, task_decomposition
 from .schema import Protocol, available, load_protocol
 

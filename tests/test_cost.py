@@ -1,10 +1,10 @@
-"""methods.cost on the tiny ViT: parameter and pass counts, and FLOPs that add up (the attention
+"""protocols.cost on the tiny ViT: parameter and pass counts, and FLOPs that add up (the attention
 matmuls included on CPU, the query pass counted)."""
 import pytest
 import torch
 
 from methods import backbones, registry
-from methods.cost import cost_row, count_flops, input_example
+from protocols.cost import cost_row, count_flops, input_example
 from helpers import hparams
 
 torch.set_num_threads(1)
@@ -53,3 +53,17 @@ def test_default_cost_forward_sets_up_an_untrained_strategy(tiny):
     assert out.shape == (1, 10) and s.model.training and s.task_id == 0
     s.cost_forward(input_example(tiny), training=False)
     assert not s.model.training
+
+
+def test_attention_backward_flops_are_counted_on_cpu():
+    # the CPU SDPA kernels (forward and backward) are unknown to FlopCounterMode; without the
+    # mapping a training step's attention FLOPs would silently be zero
+    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+
+    shape = (2, 4, 50, 16)
+    q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    fwd = count_flops(lambda: sdpa(q, k, v))
+    step = count_flops(lambda: sdpa(q, k, v).sum().backward())
+    assert fwd == sdpa_flop_count(shape, shape, shape) > 0
+    assert step == fwd + sdpa_backward_flop_count(shape, shape, shape, shape)

@@ -333,7 +333,7 @@ def test_vit_b16_parameters_passes_and_flops():
     assert sum(p.numel() for _, p in m.added_parameters()) == 230_400  # 6 x 25 x 12 x 64 x 2
     assert sum(p.numel() for p in m.head.parameters()) == 153_800  # 0.38M in total, as the poster
     assert SMoPE.passes_train == SMoPE.passes_test == 1
-    from methods import cost
+    from protocols import cost
 
     ours = cost.cost_row("smope", vit, 100, hparams("smope", "cifar100-10t"))
     l2p = cost.cost_row("l2p", vit, 100, hparams("l2p", "cifar100-10t"))

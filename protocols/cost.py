@@ -7,28 +7,37 @@ of one image at the backbone's input size with `torch.utils.flop_counter.FlopCou
 as a training step runs it and once as evaluation does (`PromptStrategy.cost_forward`), query pass
 included. FLOPs are 2 x multiply-accumulates, forward only.
 
-On CPU, `scaled_dot_product_attention` dispatches to an op the counter does not know
-(`_scaled_dot_product_flash_attention_for_cpu`), which would silently drop the attention matmuls;
-it is mapped to the counter's own SDPA formula so that CPU and GPU counts agree.
+On CPU, `scaled_dot_product_attention` dispatches to ops the counter does not know
+(`_scaled_dot_product_flash_attention_for_cpu` and its backward), which would silently drop the
+attention matmuls; they are mapped to the counter's own SDPA formulas so that CPU and GPU counts
+agree (`protocols.profile` counts whole training steps, backward included, with `count_flops`).
 """
 from __future__ import annotations
 
 from typing import Any, Callable
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from . import registry
-from .vit import PromptedViT
+from methods import registry
+from methods.vit import PromptedViT
 
 
 def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
+def _cpu_sdpa_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args,
+                            out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
 _EXTRA_FLOP_FORMULAS = {}
 if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
     _EXTRA_FLOP_FORMULAS[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_sdpa_flop
+if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
+    _EXTRA_FLOP_FORMULAS[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward] = (
+        _cpu_sdpa_backward_flop)
 
 
 def count_flops(fn: Callable[[], Any]) -> int:
@@ -66,3 +75,27 @@ def cost_row(method: str, vit: PromptedViT, num_classes: int, hparams: dict | No
         "gflops_train": flops[True] / 1e9,
         "gflops_test": flops[False] / 1e9,
     }
+
+
+def cost_rows(protocols: list[str], backbone_choice: str, methods: list[str],
+              overrides: dict[str, dict], *, weights_dir: str | None, random_init: bool,
+              allow_download: bool, device: str) -> list[dict]:
+    """One cost row per protocol x backbone x method (`--cost`)."""
+    from methods import backbones
+
+    from .runner import method_hparams, resolve_device
+    from .schema import load_protocol
+    from .sweep import _backbones_for
+
+    methods = registry.names() if methods == ["all"] else methods
+    rows = []
+    for pname in protocols:
+        proto = load_protocol(pname)
+        for bb in _backbones_for(proto, backbone_choice if backbone_choice in ("default", "all")
+                                 else backbone_choice.split(",")):
+            vit = backbones.load(bb, weights_dir, random_init, allow_download).vit
+            for m in methods:
+                hp = method_hparams(m, proto, overrides.get(m, {}))
+                row = cost_row(m, vit, proto.num_classes, hp, device=str(resolve_device(device)))
+                rows.append({"protocol": proto.name, "backbone": bb, **row})
+    return rows

@@ -1,0 +1,209 @@
+"""Expected wall time of a sweep before it starts: `--dry-run`.
+
+Per run, from the training and evaluation images/s of a profile record (`protocols.profile`) of
+the same protocol, method, precision and backbone architecture (sup21k's profile serves sup1k),
+or, where there is none, from a short profile measured on the spot (the basis column says which):
+
+    train  = training images x epochs / train img/s
+    stages = per task, its training images x (the method's extra epochs / train img/s
+             + its no-grad ViT passes / (eval img/s x eval passes per image))
+    eval   = after every task, the test images of the tasks seen so far / eval img/s
+
+Image counts are the data sets' official split sizes (`benchmarks.facts`), capped by the
+protocol's per-class `subsample` (balanced classes assumed: exact for CIFAR-100 and Fashion-MNIST,
+an upper bound for CUB); a task's share is its share of the classes. The per-task stages come from
+each method's `task_stages()`. Left out, each small next to the ViT passes: re-fits of a linear
+head or of HiDe's TII MLP on sampled features (no ViT pass), k-means on features, loading the
+backbone, and the data pipeline (its loader records say whether it keeps up; the table notes it).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from benchmarks import classes_per_exp, dataset_facts
+from methods import backbones, registry
+
+from .profile import device_name, profile_method
+from .runner import RunSpec, resolve, resolve_device
+from .schema import Protocol, load_protocol
+
+
+@dataclass(frozen=True)
+class RunEstimate:
+    spec: RunSpec
+    train_s: float
+    stages_s: float
+    eval_s: float
+    basis: str  # "profile <date> ..." or "measured now ..."
+
+    @property
+    def seconds(self) -> float:
+        return self.train_s + self.stages_s + self.eval_s
+
+
+def split_sizes(protocol: Protocol) -> tuple[int, int]:
+    """(training, test) images a run of `protocol` uses: the official split, capped per class by
+    the protocol's `subsample` (classes assumed balanced)."""
+    facts = dataset_facts(protocol.dataset)
+    sub = protocol.subsample or {}
+    train, test = facts.train_size, facts.test_size
+    if sub.get("train_per_class") is not None:
+        train = min(train, sub["train_per_class"] * facts.num_classes)
+    if sub.get("test_per_class") is not None:
+        test = min(test, sub["test_per_class"] * facts.num_classes)
+    return train, test
+
+
+def run_seconds(protocol: Protocol, method: str, hparams: dict, train_img_s: float,
+                eval_img_s: float) -> tuple[float, float, float]:
+    """(train, stages, eval) seconds of one run at these rates (see the module docstring)."""
+    cls = registry.get(method)
+    hp = cls.Hparams(**hparams)
+    num_classes = dataset_facts(protocol.dataset).num_classes
+    n_train, n_test = split_sizes(protocol)
+    counts = classes_per_exp(num_classes, protocol.num_tasks)
+    pass_img_s = eval_img_s * cls.passes_test  # one no-grad ViT pass per image
+    train = n_train * hp.epochs / train_img_s
+    stages = evaluation = 0.0
+    seen = 0
+    for t, k in enumerate(counts):
+        share = k / num_classes
+        extra = cls.task_stages(hp, t)
+        stages += n_train * share * (extra.extra_epochs / train_img_s
+                                     + extra.no_grad_passes / pass_img_s)
+        seen += k
+        evaluation += n_test * seen / num_classes / eval_img_s
+    return train, stages, evaluation
+
+
+def _arch(backbone: str) -> str:
+    """Backbones with one architecture cost the same: sup21k's profile serves sup1k."""
+    try:
+        return json.dumps(backbones.get_spec(backbone).arch, sort_keys=True)
+    except backbones.BackboneError:
+        return backbone
+
+
+def _describe(record: dict, measured: bool) -> str:
+    batch = f"batch {record['batch_size']}"
+    if record["batch_size"] != record["hparams_batch_size"]:
+        batch += f" of {record['hparams_batch_size']}"
+    when = "measured now" if measured else f"profile {record['created'][:10]}"
+    return f"{when}, {record['backbone']}, {batch}, {record['threads']} thr"
+
+
+def estimate(specs: Sequence[RunSpec], profiles: Sequence[dict], *, device: str = "auto",
+             measure: bool = True, batch_size: int | None = None, eval_batch_size: int = 256,
+             steps: int = 1, budget_s: float = 10.0,
+             progress: Callable[[str], None] | None = None) -> list[RunEstimate]:
+    """One `RunEstimate` per spec, in order. A spec with no matching profile record is measured
+    on the spot (`profile_method` with `steps` timed steps at `batch_size`, None = the method's
+    own) when `measure`, else it raises ValueError naming the missing profile."""
+    latest: dict[tuple, dict] = {}
+    for r in profiles:
+        if r.get("kind") != "profile":
+            continue
+        key = (r["protocol"], r["method"], r["precision"], _arch(r["backbone"]))
+        if key not in latest or r["created"] > latest[key]["created"]:
+            latest[key] = r
+    dev = resolve_device(device)
+    measured: dict[tuple, dict] = {}
+    vits: dict[str, object] = {}
+    out = []
+    for spec in specs:
+        proto = load_protocol(spec.protocol)
+        hparams = resolve(spec, proto)["hparams"]
+        key = (proto.name, spec.method, spec.precision, _arch(spec.backbone))
+        record, basis = latest.get(key), ""
+        if record is not None:
+            basis = _describe(record, measured=False)
+            if spec.overrides:
+                basis += ", default config"
+        else:
+            mkey = key + (json.dumps(spec.overrides, sort_keys=True, default=str),)
+            if mkey not in measured:
+                if not measure:
+                    raise ValueError(
+                        f"no profile of {spec.method} on {proto.name} / {spec.backbone} "
+                        f"({spec.precision}) for {device_name(dev)}; run --profile first or let "
+                        f"--dry-run measure it")
+                if spec.backbone not in vits:
+                    vits[spec.backbone] = backbones.load(spec.backbone, random_init=True).vit
+                if progress:
+                    progress(f"measuring {spec.method} on {proto.name} / {spec.backbone} ...")
+                measured[mkey] = profile_method(
+                    proto, spec.backbone, spec.method, vit=vits[spec.backbone], device=dev,
+                    precision=spec.precision, batch_size=batch_size,
+                    eval_batch_size=eval_batch_size, steps=steps, budget_s=budget_s,
+                    overrides=spec.overrides)
+            record = measured[mkey]
+            basis = _describe(record, measured=True)
+        train, stages, evaluation = run_seconds(proto, spec.method, hparams,
+                                                record["train_img_s"], record["eval_img_s"])
+        out.append(RunEstimate(spec, train, stages, evaluation, basis))
+    return out
+
+
+def total_seconds(estimates: Sequence[RunEstimate]) -> float:
+    return sum(e.seconds for e in estimates)
+
+
+def human(seconds: float) -> str:
+    """12 s, 7 min, 3.5 h, 4.2 d, 1.3 y."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    if seconds < 365.25 * 86400:
+        return f"{seconds / 86400:.1f} d"
+    return f"{seconds / (365.25 * 86400):.1f} y"
+
+
+def format_estimates(estimates: Sequence[RunEstimate], device: str = "",
+                     loader_records: Sequence[dict] = ()) -> str:
+    """The table a user reads before a sweep: one row per protocol x backbone x method (label)
+    with its seeds folded in, then the total; a note per protocol whose data pipeline (loader
+    records) is slower than the fastest training step."""
+    from tabulate import tabulate
+
+    groups: dict[tuple, list[RunEstimate]] = {}
+    for e in estimates:
+        s = e.spec
+        key = (s.protocol, s.backbone, s.display_label, s.table, s.precision)
+        groups.setdefault(key, []).append(e)
+    rows = []
+    for (protocol, backbone, label, _, precision), es in groups.items():
+        one = es[0]
+        rows.append([protocol, backbone, label + ("" if precision == "fp32" else f" ({precision})"),
+                     len(es), human(one.train_s), human(one.stages_s), human(one.eval_s),
+                     human(sum(e.seconds for e in es) / len(es)), human(sum(e.seconds for e in es)),
+                     one.basis])
+    table = tabulate(rows, headers=["protocol", "backbone", "method", "runs", "train", "stages",
+                                    "eval", "per run", "all runs", "basis"], tablefmt="github")
+    total = total_seconds(estimates)
+    hours = f" ({total / 3600:,.0f} h)" if total >= 2 * 86400 else ""
+    lines = [table, "", f"total: {len(estimates)} runs, {human(total)}{hours} one after another"
+                        + (f" on {device}" if device else "")]
+    for protocol in dict.fromkeys(e.spec.protocol for e in estimates):
+        loader = [r for r in loader_records if r.get("protocol") == protocol]
+        if not loader:
+            continue
+        best = max(loader, key=lambda r: r["img_s"])
+        # the fastest training step this sweep runs on the protocol, at the estimate's rates
+        fastest = max(_train_rate(e) for e in estimates if e.spec.protocol == protocol)
+        verdict = "keeps up with" if best["img_s"] >= fastest else "is SLOWER than"
+        lines.append(f"{protocol}: the data pipeline ({best['img_s']:.4g} img/s with "
+                     f"{best['workers']} workers) {verdict} the fastest training step "
+                     f"({fastest:.4g} img/s)")
+    return "\n".join(lines)
+
+
+def _train_rate(e: RunEstimate) -> float:
+    """Training images/s implied by an estimate (images x epochs / train seconds)."""
+    proto = load_protocol(e.spec.protocol)
+    epochs = resolve(e.spec, proto)["hparams"]["epochs"]
+    return split_sizes(proto)[0] * epochs / e.train_s if e.train_s else float("inf")
