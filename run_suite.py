@@ -10,6 +10,8 @@
     python run_suite.py --report                           # re-render the pages, run nothing
     python run_suite.py --export runs.csv                  # published + local runs, one row each
     python run_suite.py --cost --protocols cifar100-10t --backbones sup21k --random-init
+    python run_suite.py --profile --protocols cifar100-10t --backbones sup21k   # images/s here
+    python run_suite.py --dry-run --protocols all --backbones all --seeds 5    # how long?
 
 A sweep skips runs whose key is already in the local store; a run is stored only once complete,
 so an interrupted sweep resumes where it stopped. Runs whose key is published are compared with
@@ -113,7 +115,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     how.add_argument("--slurm-folder", default="results/slurm")
     cmd = ap.add_argument_group("other commands (each runs instead of a sweep)")
     cmd.add_argument("--list", action="store_true", help="list methods, protocols and backbones")
-    cmd.add_argument("--dry-run", action="store_true", help="print the runs a sweep would do")
+    cmd.add_argument("--dry-run", action="store_true",
+                     help="print the runs a sweep would do and their expected wall time on this "
+                          "device (from its profile records, else measured now)")
     cmd.add_argument("--report", action="store_true",
                      help="re-render the pages from the published records (and the local store if "
                           "it exists); runs nothing")
@@ -123,6 +127,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cmd.add_argument("--export", metavar="FILE.csv",
                      help="write one CSV row per run: published records and the local store's runs")
     cmd.add_argument("--cost", action="store_true", help="print parameter / pass / GFLOP counts")
+    cmd.add_argument("--profile", action="store_true",
+                     help="measure training / evaluation images/s, FLOPs, the fraction of this "
+                          "device's matmul peak and the loader's images/s per method at the "
+                          "protocols' real shape (random weights, no data); kept in "
+                          "leaderboard/profiles/ and shown on the cost page")
+    cmd.add_argument("--profile-batch", type=int, default=None, metavar="N",
+                     help="with --profile / --dry-run: measure at batch N instead of each method's "
+                          "own (the record says so; for slow CPUs)")
     cmd.add_argument("--random-init", action="store_true",
                      help="with --cost: the backbone with random weights (nothing read or fetched)")
     cmd.add_argument("--format", choices=["table", "json"], default="table", help="--cost output")
@@ -234,9 +246,7 @@ def cmd_sweep(args, argv: list[str]) -> int:
           f"{len(todo)} to run" + (f" in {workers} worker processes" if executor == "processes" else ""),
           flush=True)
     if args.dry_run:
-        for s, k in specs:
-            if s in todo:
-                print(f"  {s.protocol} {s.backbone} {s.display_label} seed={s.seed} key={k[:12]}")
+        print(dry_run(args, todo, workers if executor == "processes" else 1))
         return 0
     if todo:
         store.check_writable()
@@ -286,6 +296,56 @@ def cmd_sweep(args, argv: list[str]) -> int:
     return 1 if failed else 0
 
 
+def _this_device_measurements(args) -> tuple[str, list[dict]]:
+    """This device's name and its stored profile / loader records."""
+    from leaderboard.records import PROFILES_DIR, load_measurements
+    from protocols.profile import device_name
+    from protocols.runner import resolve_device
+
+    name = device_name(resolve_device(args.device))
+    return name, [r for r in load_measurements(PROFILES_DIR) if r.get("device") == name]
+
+
+def dry_run(args, todo, workers: int) -> str:
+    """The expected wall time of the runs to do, from this device's profile records (measured on
+    the spot, and said so, where there are none)."""
+    from protocols.estimate import estimate, format_estimates, human, total_seconds
+
+    name, profiles = _this_device_measurements(args)
+    est = estimate(todo, profiles, device=args.device, batch_size=args.profile_batch,
+                   eval_batch_size=args.eval_batch_size, progress=None if args.quiet else print)
+    text = format_estimates(est, name, [r for r in profiles if r.get("kind") == "loader"])
+    if workers > 1:  # profiled at one thread per run: runs spread over the worker processes
+        text += (f"\nwith {workers} worker processes of one thread each: about "
+                 f"{human(total_seconds(est) / workers)} if the cores are free")
+    return text
+
+
+def cmd_profile(args) -> None:
+    """Measure every method at its protocols' real shape on this device, keep the records beside
+    the leaderboard (`leaderboard/profiles/`), print them, and re-render the cost page."""
+    from leaderboard.records import PROFILES_DIR, add_measurements
+    from protocols.profile import device_slug, format_profile, profile
+    from protocols.sweep import check_device, parse_overrides, resolve_backbones
+
+    check_device(args.device)
+    protocols = _split(args.protocols)
+    methods = ["all"] if args.methods == "all" else _split(args.methods)
+    records = []
+    for pname in protocols:
+        records += profile([pname], resolve_backbones(pname, args.backbones),
+                           methods, device=args.device, precision=args.precision,
+                           batch_size=args.profile_batch, eval_batch_size=args.eval_batch_size,
+                           threads=args.threads, overrides=parse_overrides(args.set),
+                           progress=None if args.quiet else print)
+    if records:
+        path = add_measurements(records, PROFILES_DIR / f"{device_slug(records[0]['device'])}.jsonl")
+        print(format_profile(records))
+        print(f"{len(records)} profile records added to {path}")
+    if not args.no_render:
+        render_leaderboard(args)
+
+
 def cmd_cost(args) -> None:
     import json
 
@@ -328,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd_export(args)
         elif args.cost:
             cmd_cost(args)
+        elif args.profile:
+            cmd_profile(args)
         else:
             return cmd_sweep(args, argv)
     except (*USER_ERRORS, RecordError, RecordConflict, OutputError, StoreError) as e:

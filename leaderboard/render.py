@@ -39,11 +39,15 @@ class RenderResult(list):
 
 
 def write_if_changed(path: Path, text: str) -> bool:
-    """Write `text` to `path` unless it already holds exactly that; True if written."""
+    """Write `text` to `path` unless it already holds exactly that; True if written. The write is
+    atomic (a temporary file renamed over the page), so a killed or concurrent render never
+    leaves a torn page."""
+    from .records import _write_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.is_file() and path.read_text(encoding="utf-8") == text:
         return False
-    path.write_text(text, encoding="utf-8")
+    _write_atomic(path, text)
     return True
 
 

@@ -315,6 +315,7 @@ def profile(protocols: Sequence[str], backbones_: Sequence[str], methods: Sequen
     (the caller keeps them: `leaderboard.records.add_measurements`)."""
     if threads:
         torch.set_num_threads(threads)
+    methods = registry.names() if list(methods) == ["all"] else list(methods)
     dev = resolve_device(device)
     name = device_name(dev)
     if progress:

@@ -52,6 +52,12 @@ def parse_overrides(items: Sequence[str]) -> dict[str, dict[str, str]]:
     return out
 
 
+def resolve_backbones(protocol: str, choice: str) -> list[str]:
+    """`--backbones` for one protocol: "default" (its first), "all" (its list) or a comma list."""
+    return _backbones_for(load_protocol(protocol), choice if choice in ("default", "all")
+                          else [b.strip() for b in choice.split(",") if b.strip()])
+
+
 def _backbones_for(proto, choice: str | Sequence[str]) -> list[str]:
     if choice == "default":
         bbs = list(proto.backbones[:1]) or ["tiny"]
