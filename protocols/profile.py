@@ -41,6 +41,7 @@ import torch
 
 from benchmarks import build_stream, classes_per_exp, dataset_facts, synthetic
 from methods import backbones, registry
+from methods.loading import make_loader
 
 from .cost import cost_row, count_flops
 from .runner import method_hparams, resolve_device, versions
@@ -242,9 +243,10 @@ def _write_synthetic(dataset: str, root: Path) -> None:
     elif dataset == "cifar100":
         synthetic.write_cifar100(root, train_per_class=600 // n, test_per_class=1)
     elif dataset == "imagenet_r":  # 4 per class: 3 train, 1 test under the 80/20 split
-        synthetic.write_imagenet_r(root, wnids=[f"n{i:08d}" for i in range(n)], per_class=4)
+        synthetic.write_imagenet_r(root, wnids=[f"n{i:08d}" for i in range(n)], per_class=4,
+                                   real_size=True)
     elif dataset == "cub200":  # every other image is train
-        synthetic.write_cub200(root, num_classes=n, per_class=6)
+        synthetic.write_cub200(root, num_classes=n, per_class=6, real_size=True)
     else:
         raise ValueError(f"no synthetic writer for dataset {dataset!r}")
 
@@ -255,8 +257,8 @@ def loader_throughput(protocol: str | Protocol, backbone: str, workers: Iterable
     """Loader records: images/s of the protocol's training pipeline (reader, decode, its train
     transform at `backbone`'s input size, Avalanche's dataset, a shuffling DataLoader) for each
     worker count, on synthetic files in the real format written to a temporary folder. The first
-    batch (worker start-up) is not timed. `mean_px` is the files' mean size: the writer's, which
-    may be smaller than the real photos, whose decoding then costs more."""
+    batch (worker start-up) is not timed. `mean_px` is the files' mean size (the writer's
+    real-size JPEGs, a few hundred pixels a side, as the real photos)."""
     from avalanche.benchmarks.utils.utils import concat_datasets
     from PIL import Image
 
@@ -266,10 +268,12 @@ def loader_throughput(protocol: str | Protocol, backbone: str, workers: Iterable
     with tempfile.TemporaryDirectory(prefix="promptcl-loader-") as tmp:
         root = Path(tmp)
         _write_synthetic(proto.dataset, root)
+        # the synthetic ImageNet-R tree has its own wnids, so it takes the suite's stratified
+        # split; decoding and transforms cost the same under any split
         info = build_stream(proto.dataset, data_root=root, seed=0, num_tasks=proto.num_tasks,
                             image_size=spec.image_size, in_chans=spec.in_chans,
-                            augment=proto.augment,
-                            eval_resize=proto.eval_resize)
+                            augment=proto.augment, eval_resize=proto.eval_resize,
+                            split="stratified" if proto.dataset == "imagenet_r" else None)
         data = concat_datasets([e.dataset for e in info.benchmark.train_stream]).train()
         jpegs = [p for p in root.rglob("*.jpg")]
         mean_px = None
@@ -277,9 +281,7 @@ def loader_throughput(protocol: str | Protocol, backbone: str, workers: Iterable
             sizes = [Image.open(p).size for p in jpegs]
             mean_px = [round(sum(s[i] for s in sizes) / len(sizes)) for i in (0, 1)]
         for w in workers:
-            loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True,
-                                                 num_workers=w,
-                                                 generator=torch.Generator().manual_seed(0))
+            loader = make_loader(data, batch_size=batch_size, shuffle=True, workers=w)  # the suite's own
             it = iter(loader)
             next(it)
             t0, n = time.perf_counter(), 0
