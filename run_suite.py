@@ -89,7 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     how.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda:0, ...")
     how.add_argument("--eval-batch-size", type=int, default=256)
     how.add_argument("--threads", type=int, default=None,
-                     help="torch CPU threads per run (default: torch's choice)")
+                     help="torch CPU threads per run (default 1: a run's numbers can depend on "
+                          "the thread count, rarely; records say which)")
     how.add_argument("--plugin", action="append", default=[], metavar="FILE.py|module",
                      help="import a method plugin (repeatable); the only code the suite runs that "
                           "is not its own")
@@ -240,7 +241,9 @@ def cmd_sweep(args, argv: list[str]) -> int:
     todo = [s for s, k in specs if not store.has(k)]
     workers = args.workers or default_workers(len(todo), args.threads or 1)
     executor = "processes" if args.executor == "local" and workers > 1 else args.executor
-    options = replace(options, threads=args.threads or (1 if executor != "local" else None),
+    # one torch thread per run unless asked: a run's numbers can depend (rarely, in the last
+    # image) on the thread count, and the published records were made with one
+    options = replace(options, threads=args.threads or 1,
                       progress=executor == "local" and not args.quiet and sys.stderr.isatty())
     print(f"{len(specs)} runs planned, {len(specs) - len(todo)} already in {args.store}, "
           f"{len(todo)} to run" + (f" in {workers} worker processes" if executor == "processes" else ""),
