@@ -77,6 +77,10 @@ def _mstd(mean: float, std: float, n: int) -> str:
     return f"{mean:.2f} {PM} n/a" if n < 2 else f"{mean:.2f} {PM} {std:.2f}"
 
 
+def _g3(x: float) -> str:
+    return "" if x is None or math.isnan(x) else f"{x:.3g}"
+
+
 def _p(p: float) -> str:
     if p is None or math.isnan(p):
         return ""
@@ -113,7 +117,7 @@ def _results_table(rows: pd.DataFrame) -> str:
     # WTP / TII only where some run has them (records stored before they existed lack them)
     split = [m for m in ("wtp", "tii") if rows[f"{m}_mean"].notna().any()]
     headers = ["method", "FAA", "CAA", "FFM", *[m.upper() for m in split], "seeds (n)"]
-    cost = [("trainable_params", "trainable params", _int), ("gflops_test", "GFLOPs (test)", _f),
+    cost = [("trainable_params", "trainable params", _int), ("gflops_test", "GFLOPs (test)", _g3),
             ("passes_test", "passes (test)", _f0), ("train_s", "train time (s)", lambda v: _f(v, 1))]
     cost = [c for c in cost if rows[c[0]].notna().any()]
     headers += [c[1] for c in cost]
