@@ -94,3 +94,24 @@ def vit_b16_strategy(name: str, protocol: str, num_classes: int):
 
 def added_params(model) -> int:
     return sum(p.numel() for _, p in model.added_parameters())
+
+
+def section_tables(md: str, headings: tuple[str, ...] = ("## ",)) -> dict[str, list[dict]]:
+    """{heading: [row dicts of the first table under that heading]} of a generated page."""
+    out: dict[str, list[dict]] = {}
+    heading, headers, done = None, None, False
+    for line in md.splitlines():
+        if line.startswith(headings):
+            heading, headers, done = line.split(" ", 1)[1], None, False
+            out[heading] = []
+        elif heading is None or done:
+            continue
+        elif line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if headers is None:
+                headers = cells
+            elif not set("".join(cells)) <= set("-: "):
+                out[heading].append(dict(zip(headers, cells)))
+        elif headers is not None:
+            done = True
+    return out

@@ -8,26 +8,12 @@ from leaderboard.cost_page import render_cost
 from leaderboard.papers import load_papers
 from leaderboard.render import MARKER
 
+from helpers import section_tables
+
 
 def sections(md: str) -> dict[str, list[dict]]:
-    """{'heading' (## or ###): [row dicts of the first table under that heading]}."""
-    out: dict[str, list[dict]] = {}
-    heading, headers, done = None, None, False
-    for line in md.splitlines():
-        if line.startswith("## ") or line.startswith("### "):
-            heading, headers, done = line.split(" ", 1)[1], None, False
-            out[heading] = []
-        elif heading is None or done:
-            continue
-        elif line.startswith("|"):
-            cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            if headers is None:
-                headers = cells
-            elif not set("".join(cells)) <= set("-: "):
-                out[heading].append(dict(zip(headers, cells)))
-        elif headers is not None:
-            done = True
-    return out
+    return section_tables(md, headings=("## ", "### "))
+
 
 COST = {"trainable_params": 230400, "head_params": 76900, "passes_train": 1, "passes_test": 1,
         "gflops_train": 35.24, "gflops_test": 35.24}

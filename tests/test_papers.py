@@ -12,31 +12,12 @@ import yaml
 from leaderboard.papers import PapersError, load_papers, render_papers
 from leaderboard.render import MARKER
 
+from helpers import section_tables as sections
+
 ROOT = Path(__file__).resolve().parents[1]
 NUM = re.compile(r"^(\d+\.\d+)(?: ± (\d+\.\d+|n/a))?(?: \(\?\))?$")
 LADDER = ["one prompt", "+ score aggregation", "+ sparse expert selection", "+ adaptive noise",
           "+ task-adaptive prediction", "+ initial dense training", "+ router loss", "+ prototype loss (SMoPE)"]
-
-
-def sections(md: str) -> dict[str, list[dict]]:
-    """{'## heading': [row dicts of the first table under that heading]}."""
-    out: dict[str, list[dict]] = {}
-    heading, headers, done = None, None, False
-    for line in md.splitlines():
-        if line.startswith("## "):
-            heading, headers, done = line[3:], None, False
-            out[heading] = []
-        elif heading is None or done:
-            continue
-        elif line.startswith("|"):
-            cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            if headers is None:
-                headers = cells
-            elif not set("".join(cells)) <= set("-: "):
-                out[heading].append(dict(zip(headers, cells)))
-        elif headers is not None:
-            done = True
-    return out
 
 
 def num(cell: str) -> tuple[float, float | None]:
