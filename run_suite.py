@@ -12,6 +12,7 @@
     python run_suite.py --cost --protocols cifar100-10t --backbones sup21k --random-init
     python run_suite.py --profile --protocols cifar100-10t --backbones sup21k   # images/s here
     python run_suite.py --dry-run --protocols all --backbones all --seeds 5    # how long?
+    python run_suite.py --smoke --smoke-tasks 2 --protocols cifar100-10t      # the real path, quickly
 
 A sweep skips runs whose key is already in the local store; a run is stored only once complete,
 so an interrupted sweep resumes where it stopped. Runs whose key is published are compared with
@@ -69,8 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     what.add_argument("--ablation", action="append", default=[], metavar="NAME",
                       help="also run the protocol's ablation NAME ('all': every one), its own table (repeatable)")
     what.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (default 5)")
-    what.add_argument("--protocols", default="fmnist-5t",
-                      help="comma list of protocol names or YAML paths, or 'all' (default fmnist-5t)")
+    what.add_argument("--protocols", default=None,
+                      help="comma list of protocol names or YAML paths, or 'all' (default fmnist-5t; "
+                           "with --smoke every real protocol)")
     what.add_argument("--backbones", default="default",
                       help="comma list, 'default' (each protocol's first) or 'all' (each protocol's list)")
     what.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
@@ -81,7 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     where = ap.add_argument_group("where things are")
     where.add_argument("--data-root", default=os.environ.get("PROMPTCL_DATA_ROOT", "data"))
     where.add_argument("--weights-dir", default="pretrained", help="folder of the ViT-B/16 checkpoints")
-    where.add_argument("--store", default="results/suite.sqlite", help="the local SQLite run store")
+    where.add_argument("--store", default=None,
+                       help="the local SQLite run store (default results/suite.sqlite; with --smoke "
+                            "results/smoke.sqlite, never the results)")
     where.add_argument("--records-dir", default=None,
                        help="published records (default: leaderboard/records/ of the suite)")
     where.add_argument("--leaderboard-dir", default="leaderboard", help="where the pages go")
@@ -127,6 +131,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                           "a cluster) to the published records, then re-render")
     cmd.add_argument("--export", metavar="FILE.csv",
                      help="write one CSV row per run: published records and the local store's runs")
+    cmd.add_argument("--smoke", action="store_true",
+                     help="the real-shape dry run: every method through every task of the real "
+                          "protocols on ViT-B/16 with random weights and synthetic files in the real "
+                          "formats, epochs lowered to 1 (hours on a CPU); kept in "
+                          "leaderboard/smoke/, its runs in their own store")
+    cmd.add_argument("--smoke-tasks", type=int, default=None, metavar="K",
+                     help="with --smoke: only the first K tasks of each protocol (same stream, "
+                          "head and hyperparameters; the reduced form CI runs)")
     cmd.add_argument("--cost", action="store_true", help="print parameter / pass / GFLOP counts")
     cmd.add_argument("--profile", action="store_true",
                      help="measure training / evaluation images/s, FLOPs, the fraction of this "
@@ -142,6 +154,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.methods is None:
         args.methods = "none" if args.ablation else "all"
+    if args.protocols is None:
+        args.protocols = "real" if args.smoke else "fmnist-5t"
+    if args.store is None:
+        args.store = "results/smoke.sqlite" if args.smoke else "results/suite.sqlite"
     return args
 
 
@@ -349,6 +365,35 @@ def cmd_profile(args) -> None:
         render_leaderboard(args)
 
 
+def cmd_smoke(args) -> int:
+    """Run the dry run, keep one smoke record per run (leaderboard/smoke/, shown on the cost page)
+    and re-render; exit 1 if a run did not complete."""
+    from leaderboard.records import SMOKE_DIR, add_measurements
+    from leaderboard.store import RunStore
+    from protocols.profile import device_slug
+    from protocols.smoke import REAL_PROTOCOLS, run_smoke
+    from protocols.sweep import check_device
+
+    check_device(args.device)
+    protocols = list(REAL_PROTOCOLS) if args.protocols == "real" else _split(args.protocols)
+    methods = ["all"] if args.methods == "all" else _split(args.methods)
+    store = RunStore(args.store)
+    store.check_writable()
+    done = []
+    for smoke in run_smoke(protocols, methods, store=store, tasks=args.smoke_tasks, device=args.device,
+                           threads=args.threads or 1, eval_batch_size=args.eval_batch_size,
+                           quiet=not args.verbose):
+        print(smoke.line(), flush=True)
+        add_measurements([smoke.smoke], SMOKE_DIR / f"{device_slug(smoke.smoke['device'])}.jsonl")
+        done.append(smoke)
+    complete = sum(s.smoke["complete"] for s in done)
+    print(f"smoke: {complete}/{len(done)} runs complete in {sum(s.smoke['wall_s'] for s in done):.0f} s; "
+          f"records in {args.store}, smoke records in {SMOKE_DIR}/")
+    if not args.no_render:
+        render_leaderboard(args)
+    return 0 if complete == len(done) else 1
+
+
 def cmd_cost(args) -> None:
     import json
 
@@ -393,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd_cost(args)
         elif args.profile:
             cmd_profile(args)
+        elif args.smoke:
+            return cmd_smoke(args)
         else:
             return cmd_sweep(args, argv)
     except (*USER_ERRORS, RecordError, RecordConflict, OutputError, StoreError) as e:

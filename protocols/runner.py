@@ -278,10 +278,14 @@ def _run(spec: RunSpec, options: RunOptions, stack: contextlib.ExitStack) -> dic
         classes_per_task=protocol.classes_per_task, loader_workers=options.loader_workers)
 
     T = protocol.num_tasks
+    train_stream, test_stream = bm.train_stream, bm.test_stream
+    if protocol.first_tasks is not None:  # a dry run's reduced form: the stream's first k tasks
+        T = protocol.first_tasks
+        train_stream, test_stream = train_stream[:T], test_stream[:T]
     acc: list[list[float | None]] = [[None] * T for _ in range(T)]
     tasks = stack.enter_context(tqdm(total=T, desc=f"{spec.display_label} seed {spec.seed}", unit="task",
                                      leave=False, disable=not options.progress))
-    for i in strategy.fit(bm.train_stream, bm.test_stream):
+    for i in strategy.fit(train_stream, test_stream):
         tasks.update(1)
         by_task = preds.accuracy_by_task()
         for j in range(i + 1):

@@ -9,7 +9,10 @@ Keys:
   class_order (shuffled | natural), augment (none | rrc_flip), eval_resize (resize | resize_crop),
   normalize (none | backbone), subsample ({train_per_class, test_per_class} or null),
   split (ImageNet-R only: coda, the default, | stratified; see benchmarks/imagenet_r.py),
-  split_file (ImageNet-R only, or null; replaces split), backbones (default backbones, first = default),
+  split_file (ImageNet-R only, or null; replaces split), first_tasks (null, or k: train and evaluate
+  only the first k tasks of the stream, whose classes per task, head and hyperparameters stay those
+  of num_tasks; the real-shape dry run's reduced form, protocols/smoke.py),
+  backbones (default backbones, first = default),
   methods ({method: {hparam: value}}: protocol-level overrides of the methods' defaults),
   ablations ({name: {method: m, variants: ladder | {label: {hparam: value}}}}: sweeps that the
   leaderboard renders as their own table; `ladder` takes the method's own `ABLATION` list).
@@ -40,7 +43,8 @@ _CHOICES = {
 _TYPES: dict[str, tuple[type, ...]] = {
     "name": (str,), "description": (str,), "dataset": (str,), "num_tasks": (int,),
     "class_order": (str,), "augment": (str,), "eval_resize": (str,), "normalize": (str,),
-    "subsample": (dict, type(None)), "split": (str,), "split_file": (str, type(None)), "backbones": (list,),
+    "subsample": (dict, type(None)), "split": (str,), "split_file": (str, type(None)),
+    "first_tasks": (int, type(None)), "backbones": (list,),
     "methods": (dict,), "ablations": (dict,),
 }
 _REQUIRED = ("name", "dataset", "num_tasks")
@@ -69,6 +73,7 @@ class Protocol:
     subsample: dict[str, int] | None = None
     split: str | None = None  # ImageNet-R: "coda" unless split_file is set; None for other data
     split_file: str | None = None
+    first_tasks: int | None = None  # run only the first k tasks (None: all num_tasks)
     backbones: tuple[str, ...] = ()
     methods: dict[str, dict[str, Any]] = field(default_factory=dict)
     ablations: dict[str, Ablation] = field(default_factory=dict)
@@ -90,12 +95,15 @@ class Protocol:
 
     def data_spec(self) -> dict[str, Any]:
         """The part of the protocol that defines the data and its stream (goes in the run key).
-        `split` only for ImageNet-R, so the keys of the other data sets stay what they were."""
+        `split` only for ImageNet-R and `first_tasks` only when set, so the keys of the runs
+        made before them stay what they were."""
         spec = {k: getattr(self, k) for k in (
             "name", "dataset", "num_tasks", "class_order", "augment", "eval_resize", "normalize",
             "subsample", "split_file")}
         if self.dataset == "imagenet_r":
             spec["split"] = self.split
+        if self.first_tasks is not None:
+            spec["first_tasks"] = self.first_tasks
         return spec
 
 
@@ -128,6 +136,10 @@ def validate(raw: Any, where: str) -> Protocol:
     if not 1 <= raw["num_tasks"] <= n_classes:
         _fail(where, f"num_tasks must be in 1..{n_classes} ({raw['dataset']} has {n_classes} "
                      f"classes), got {raw['num_tasks']}")
+    first = raw.get("first_tasks")
+    if first is not None and not 1 <= first <= raw["num_tasks"]:
+        _fail(where, f"first_tasks must be in 1..num_tasks={raw['num_tasks']} (or null for all), "
+                     f"got {first}")
     sub = raw.get("subsample")
     if sub is not None:
         bad = sorted(set(sub) - {"train_per_class", "test_per_class"})
