@@ -29,6 +29,11 @@ def _num(v: Any, nd: int = 2) -> str:
     return "—" if v is None else f"{float(v):.{nd}f}"
 
 
+def _gflops(v: Any) -> str:
+    """Two decimals as the papers print them; 3 significant digits below 1 (the tiny ViT's 0.0334)."""
+    return "—" if v is None else (f"{float(v):.2f}" if abs(float(v)) >= 1 else f"{float(v):.3g}")
+
+
 def _pct(v: Any) -> str:
     return "—" if v is None else f"{100.0 * float(v):.1f}%"
 
@@ -78,7 +83,7 @@ def _published_added(c: Mapping | None) -> str:
 def _published_gflops(c: Mapping | None) -> str:
     if not c or (c.get("gflops_train") is None and c.get("gflops_test") is None):
         return "—"
-    return _pair(c.get("gflops_train"), c.get("gflops_test"), _num)
+    return _pair(c.get("gflops_train"), c.get("gflops_test"), _gflops)
 
 
 def _published_section(papers: Mapping) -> list[str]:
@@ -126,7 +131,7 @@ def _runs_section(runs: list[Mapping], published: Mapping[str, Mapping]) -> list
             pub = published.get(method)
             rows.append([method, _int(c.get("trainable_params")), _int(c.get("head_params")),
                          _pair(c.get("passes_train"), c.get("passes_test")),
-                         _pair(c.get("gflops_train"), c.get("gflops_test"), _num),
+                         _pair(c.get("gflops_train"), c.get("gflops_test"), _gflops),
                          _published_added(pub), _published_gflops(pub),
                          f"{len(rs)}" + (" (counts differ between runs; newest shown)" if len(varies) > 1 else ""),
                          str(newest_created(rs) or "—")])
@@ -142,7 +147,10 @@ def _profile_section(profiles: list[Mapping], published: Mapping[str, Mapping]) 
     lines = ["## Measured at real shape (profile records)", "",
              "Throughput of training and evaluation steps, the achieved fraction of the device's matmul "
              "peak (measured in the same run) and the peak memory, per device; the newest record per "
-             "device, protocol, backbone, method, precision and batch sizes.", ""]
+             "device, protocol, backbone, method, precision and batch sizes. CPU share: the CPU time the "
+             "profiling process got over its wall time and thread count; below about 0.9 other work shared "
+             "the CPU, so its images/s are low and its fraction of peak is not clean (it can pass 100% when "
+             "the peak was measured at a quieter moment).", ""]
     latest = _latest(profiles, lambda p: tuple(str(p.get(f)) for f in (
         "protocol", "backbone", "method", "device", "precision", "batch_size", "eval_batch_size", "threads")))
     if not latest:
@@ -162,16 +170,17 @@ def _profile_section(profiles: list[Mapping], published: Mapping[str, Mapping]) 
             rows.append([str(p.get("method")), str(p.get("device")), str(p.get("precision")),
                          f"{p.get('batch_size')} / {p.get('eval_batch_size')}", str(p.get("threads")),
                          _int(c.get("trainable_params")), _pair(c.get("passes_train"), c.get("passes_test")),
-                         _pair(c.get("gflops_train"), c.get("gflops_test"), _num), _published_gflops(pub),
+                         _pair(c.get("gflops_train"), c.get("gflops_test"), _gflops), _published_gflops(pub),
                          _num(p.get("train_img_s"), 1), _num(p.get("eval_img_s"), 1),
                          _num(p.get("matmul_tflops"), 1),
                          f"{_pct(p.get('frac_peak_train'))} / {_pct(p.get('frac_peak_eval'))}",
+                         _num(p.get("cpu_share")),
                          "not measured" if mem is None else _int(mem), str(p.get("created") or "—")])
         lines += [f"### {proto} · {bb}", ""]
         _table(lines, ["method", "device", "precision", "batch train / eval", "threads", "added parameters",
                        "passes train / test", "GFLOPs train / test", "published GFLOPs train / test (ViT-B/16)",
                        "train images/s", "eval images/s", "matmul peak (TFLOP/s)",
-                       "fraction of peak train / eval", "peak memory (MB)", "measured"], rows)
+                       "fraction of peak train / eval", "CPU share", "peak memory (MB)", "measured"], rows)
         lines.append("")
     return lines
 

@@ -82,7 +82,8 @@ def test_no_profile_or_smoke_record_is_said_plainly(papers):
 
 def test_run_records_one_table_per_protocol_and_backbone_newest_usable_run(papers):
     recs = [run("smope", 0), run("smope", 1, cost={**COST, "trainable_params": 999}),  # newest: seed 1
-            run("l2p", 0, cost={**COST, "trainable_params": 1920, "passes_train": 2, "passes_test": 2}),
+            run("l2p", 0, cost={**COST, "trainable_params": 1920, "passes_train": 2, "passes_test": 2,
+                                "gflops_train": 0.0745, "gflops_test": 0.07452}),
             run("smope", 2, cost={**COST, "trainable_params": 5}, status="failed", created="2026-01-01T00:00:00+00:00"),
             run("smope", 3, cost={**COST, "trainable_params": 7}, variant={"top_k": 3},
                 created="2026-01-01T00:00:00+00:00"),
@@ -94,6 +95,8 @@ def test_run_records_one_table_per_protocol_and_backbone_newest_usable_run(paper
     assert list(tiny) == ["l2p", "smope"]  # suite order, failed / variant runs left out
     assert tiny["smope"]["added parameters"] == "999" and tiny["smope"]["runs"].startswith("2 (counts differ")
     assert tiny["l2p"]["passes train / test"] == "2 / 2"
+    assert tiny["l2p"]["GFLOPs train / test"] == "0.0745 / 0.0745"  # the tiny ViT's cost is not rounded away
+    assert tiny["smope"]["GFLOPs train / test"] == "35.24 / 35.24"
     assert tiny["l2p"]["published added parameters (ViT-B/16)"].startswith("46,080 (")
     assert tiny["smope"]["published GFLOPs train / test (ViT-B/16)"] == "33.72 / 33.72"
     assert "2026-01-01" not in md  # a failed or variant run neither shows nor dates the page
@@ -102,7 +105,7 @@ def test_run_records_one_table_per_protocol_and_backbone_newest_usable_run(paper
 def test_profile_and_smoke_records(papers):
     profs = [profile(created="2025-02-01T00:00:00+00:00", train_img_s=1.0),
              profile(created="2025-02-02T00:00:00+00:00"),  # newest of the same key wins
-             profile(device="cpu (2 cores, Xeon)", precision="fp32", peak_mem_mb=None, threads=1),
+             profile(device="cpu (2 cores, Xeon)", precision="fp32", peak_mem_mb=None, threads=1, cpu_share=0.57),
              {"kind": "loader", "created": "2025-02-03T00:00:00+00:00", "device": "cpu", "protocol": "cifar100-10t",
               "workers": 4, "img_s": 1234.5}]
     smk = [smoke(created="2025-03-01T00:00:00+00:00", wall_s=100.0),
@@ -118,6 +121,7 @@ def test_profile_and_smoke_records(papers):
     assert gpu[0]["matmul peak (TFLOP/s)"] == "701.5" and gpu[0]["peak memory (MB)"] == "20,345"
     assert gpu[0]["published GFLOPs train / test (ViT-B/16)"] == "33.72 / 33.72"
     assert cpu[0]["peak memory (MB)"] == "not measured"
+    assert cpu[0]["CPU share"] == "0.57" and gpu[0]["CPU share"] == "—"  # a shared CPU is visible
     assert "| cpu | cifar100-10t | 4 | 1234.5 | 2025-02-03T00:00:00+00:00 |" in md
     dry = sections(md)["Real-shape dry runs (smoke records)"]
     assert dry == [{"protocol": "cifar100-10t", "backbone": "sup21k", "method": "smope", "device": H200,
