@@ -449,6 +449,10 @@ def main(argv: list[str] | None = None) -> int:
         print("error: " + " ".join(line.strip() for line in str(e).splitlines() if line.strip()),
               file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a sweep says this itself; the other long commands (--smoke, --profile) here
+        print("interrupted: every run, smoke or profile record that finished is kept; rerun the command "
+              "for the rest", file=sys.stderr)
+        return 130
     return 0
 
 

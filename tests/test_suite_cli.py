@@ -140,3 +140,13 @@ def test_bf16_autocast_reaches_the_forward_only(tiny):
     fp32.model.head.register_forward_hook(lambda m, i, o: head_out.append(o.dtype))
     fp32.train(stream().train_stream[0])
     assert set(head_out) == {torch.float32}
+
+
+@pytest.mark.parametrize("command, flag", [("cmd_smoke", "--smoke"), ("cmd_profile", "--profile")])
+def test_ctrl_c_in_a_long_command_is_one_line_and_exit_130(monkeypatch, capsys, command, flag):
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(run_suite, command, interrupted)
+    assert run_suite.main([flag]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("interrupted:") and "\n" not in err and "Traceback" not in err
