@@ -197,17 +197,20 @@ def _loader_section(loaders: list[Mapping]) -> list[str]:
 
 
 def _smoke_section(smoke: list[Mapping]) -> list[str]:
+    """One row per protocol, backbone, method, device and task count: a reduced run
+    (`--smoke-tasks K`) never hides when the full protocol last passed, nor the reverse."""
     lines = ["## Real-shape dry runs (smoke records)", "",
              "Kept apart from the results: a smoke run checks that a method runs end to end at the "
              "protocol's real shape; it produces no accuracy. Wall time of the newest complete run and "
-             "the date it last passed.", ""]
-    latest = _latest((s for s in smoke if s.get("complete") is True),
-                     lambda s: tuple(str(s.get(f)) for f in ("protocol", "backbone", "method", "device")))
+             "the date it last passed, for the full protocol and for its reduced form (`--smoke-tasks K`, "
+             "the first K tasks) each.", ""]
+    fields = ("protocol", "backbone", "method", "device", "tasks")
+    latest = _latest((s for s in smoke if s.get("complete") is True), lambda s: tuple(str(s.get(f)) for f in fields))
     if not latest:
         return lines + ["No smoke records are stored yet: no real-shape dry run has passed.", ""]
-    rows = [[p, b, m, d, str(latest[(p, b, m, d)].get("tasks")), _num(latest[(p, b, m, d)].get("wall_s"), 1),
-             str(latest[(p, b, m, d)].get("created") or "—")]
-            for p, b, m, d in sorted(latest, key=lambda k: (k[0], k[1], _method_key(k[2]), k[3]))]
+    order = sorted(latest, key=lambda k: (k[0], k[1], _method_key(k[2]), k[3], -int(k[4]) if k[4].isdigit() else 0))
+    rows = [[p, b, m, d, t, _num(latest[(p, b, m, d, t)].get("wall_s"), 1),
+             str(latest[(p, b, m, d, t)].get("created") or "—")] for p, b, m, d, t in order]
     _table(lines, ["protocol", "backbone", "method", "device", "tasks", "wall time (s)", "last passed"], rows)
     return lines + [""]
 

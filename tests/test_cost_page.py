@@ -110,7 +110,8 @@ def test_profile_and_smoke_records(papers):
               "workers": 4, "img_s": 1234.5}]
     smk = [smoke(created="2025-03-01T00:00:00+00:00", wall_s=100.0),
            smoke(created="2025-03-05T00:00:00+00:00", wall_s=90.0),
-           smoke(created="2025-04-01T00:00:00+00:00", wall_s=1.0, complete=False)]  # did not pass
+           smoke(created="2025-04-01T00:00:00+00:00", wall_s=1.0, complete=False),  # did not pass
+           smoke(created="2025-03-09T00:00:00+00:00", wall_s=20.0, tasks=2)]  # a later reduced run
     md = render_cost([], profs, smk, papers)
     table = sections(md)["cifar100-10t · sup21k"]
     gpu = [r for r in table if r["device"] == H200]
@@ -125,8 +126,10 @@ def test_profile_and_smoke_records(papers):
     assert "| cpu | cifar100-10t | 4 | 1234.5 | 2025-02-03T00:00:00+00:00 |" in md
     dry = sections(md)["Real-shape dry runs (smoke records)"]
     assert dry == [{"protocol": "cifar100-10t", "backbone": "sup21k", "method": "smope", "device": H200,
-                    "tasks": "10", "wall time (s)": "90.0", "last passed": "2025-03-05T00:00:00+00:00"}]
-    assert "Newest record used: 2025-03-05T00:00:00+00:00." in md  # the failed smoke run does not count
+                    "tasks": "10", "wall time (s)": "90.0", "last passed": "2025-03-05T00:00:00+00:00"},
+                   {"protocol": "cifar100-10t", "backbone": "sup21k", "method": "smope", "device": H200,
+                    "tasks": "2", "wall time (s)": "20.0", "last passed": "2025-03-09T00:00:00+00:00"}]
+    assert "Newest record used: 2025-03-09T00:00:00+00:00." in md  # the failed smoke run does not count
 
 
 def test_cost_page_is_deterministic(papers):
