@@ -34,8 +34,11 @@ data:
 suite: venv data
 	$(BIN)/python run_suite.py $(SUITE_ARGS)
 
+# The tests run in one process per CPU (pytest-xdist), each test file in one process (its
+# module fixtures, e.g. test_smoke.py's real-shape dry run, are built once); the test modules
+# set one torch thread per process, so the processes do not thrash.
 test: venv data
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n auto --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) results
