@@ -23,3 +23,13 @@ def no_published_records(tmp_path_factory, monkeypatch):
     repository's own records (tests/test_published.py reads them) would otherwise join every table."""
     from leaderboard import records
     monkeypatch.setattr(records, "RECORDS_DIR", tmp_path_factory.mktemp("published-records"))
+
+
+#: Files whose module fixtures take most of the run; collected first, so that with one process
+#: per CPU (`make test`: pytest-xdist, a file per process) they start at once instead of ending
+#: the run alone. test_smoke.py's real-shape dry run is about 60% of the whole.
+LONGEST_FIRST = ("test_smoke.py",)
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)  # stable: the rest keep their order
