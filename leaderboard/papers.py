@@ -500,21 +500,28 @@ def _differences(papers: Mapping) -> list[str]:
 
 
 def _split_section(used: list[Mapping], papers: Mapping) -> list[str]:
+    """The ImageNet-R split each run used, from the record's `split` (name and sha256 over its
+    file lists and label order): runs that share a row saw the same images in the same labels."""
     lines = ["## ImageNet-R split of the suite's runs", ""]
     if papers["notes"].get("imagenet_r_split"):
         lines += [_one_line(papers["notes"]["imagenet_r_split"]), ""]
     groups: dict[tuple, list] = {}
     for r in used:
         if str(r.get("protocol", "")).startswith("imagenet-r"):
-            split = ((r.get("spec") or {}).get("protocol") or {}).get("split_file")
-            key = (r["protocol"], str(r.get("data_hash") or "")[:12] or "not recorded",
-                   str(split) if split else "none (the suite's own split)")
+            split = r.get("split") or {}
+            split_file = ((r.get("spec") or {}).get("protocol") or {}).get("split_file")
+            name = split.get("name") or "not recorded"
+            if split_file:
+                name += f" (split_file {split_file})"
+            key = (r["protocol"], name, str(split.get("sha256") or "")[:12] or "not recorded",
+                   str(r.get("data_hash") or "")[:12] or "not recorded")
             groups.setdefault(key, []).append(r)
     if not groups:
         return lines + ["No ImageNet-R runs are recorded yet.", ""]
-    rows = [[p, f"`{h}`", s, str(len(rs)), ", ".join(sorted({str(r.get('method')) for r in rs}))]
-            for (p, h, s), rs in sorted(groups.items())]
-    _table(lines, ["protocol", "data_hash (first 12 hex)", "split_file", "runs", "methods"], rows)
+    rows = [[p, n, f"`{h}`", f"`{d}`", str(len(rs)), ", ".join(sorted({str(r.get('method')) for r in rs}))]
+            for (p, n, h, d), rs in sorted(groups.items())]
+    _table(lines, ["protocol", "split", "split sha256 (first 12 hex)", "data_hash (first 12 hex)", "runs",
+                   "methods"], rows)
     return lines + [""]
 
 

@@ -183,11 +183,19 @@ def test_rendering_is_deterministic_and_dated_by_the_newest_record(papers):
 
 
 def test_imagenet_r_split_of_the_runs_and_cited_differences(papers):
-    recs = [record("smope", s, protocol="imagenet-r-10t", data_hash="feedfacecafe0123456789") for s in range(2)]
+    coda = {"name": "coda", "sha256": "c0dac0dac0da" + "0" * 52}
+    recs = [record("smope", s, protocol="imagenet-r-10t", data_hash="feedfacecafe0123456789", split=coda)
+            for s in range(2)]
+    recs.append(record("l2p", 0, protocol="imagenet-r-10t", data_hash="beadbeadbead0123",
+                       split={"name": "stratified", "sha256": "5a5a5a5a5a5a" + "0" * 52}))
+    recs.append(record("l2p", 1, protocol="imagenet-r-5t"))  # a record from before splits were recorded
     md = render_papers(recs, papers)
     split = sections(md)["ImageNet-R split of the suite's runs"]
-    assert split == [{"protocol": "imagenet-r-10t", "data_hash (first 12 hex)": "`feedfacecafe`",
-                      "split_file": "none (the suite's own split)", "runs": "2", "methods": "smope"}]
+    head = ("protocol", "split", "split sha256 (first 12 hex)", "data_hash (first 12 hex)", "runs", "methods")
+    assert split == [dict(zip(head, row)) for row in (
+        ("imagenet-r-10t", "coda", "`c0dac0dac0da`", "`feedfacecafe`", "2", "smope"),
+        ("imagenet-r-10t", "stratified", "`5a5a5a5a5a5a`", "`beadbeadbead`", "1", "l2p"),
+        ("imagenet-r-5t", "not recorded", "`not recorded`", "`0123456789ab`", "1", "l2p"))]
     assert "No ImageNet-R runs are recorded yet." in render_papers([], papers)
     for d in papers["evaluation_differences"]:
         for ref in d["code"]:
