@@ -131,15 +131,21 @@ def _exit_with_parent(parent: int, every_s: float = 1.0) -> None:
     os._exit(1)  # the driver is gone: no one would store this run
 
 
-def _terminate(pool: ProcessPoolExecutor) -> None:
-    """Kill the pool's worker processes now. shutdown() waits for the running calls; Python 3.14
-    adds terminate_workers(), before it the processes are reachable only as `_processes`."""
-    terminate = getattr(pool, "terminate_workers", None)
-    if terminate is not None:
-        terminate()
-        return
-    for process in list((getattr(pool, "_processes", None) or {}).values()):
+def _terminate(pool: ProcessPoolExecutor, grace_s: float = 10.0) -> None:
+    """Stop the pool's worker processes now, and wait until each has exited.
+
+    shutdown() waits for the running calls, and ProcessPoolExecutor has no public way to stop
+    them before Python 3.14 (terminate_workers()): the processes are reachable only as
+    `_processes`. Each gets SIGTERM, then SIGKILL if it is still alive after `grace_s`, so a
+    Ctrl-C never waits on a worker that does not die, and shutdown() then finds them all gone."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    for process in processes:
         process.terminate()
+    for process in processes:
+        process.join(timeout=grace_s)
+        if process.is_alive():
+            process.kill()
+            process.join()
 
 
 def run_processes(specs: Iterable[RunSpec], options: RunOptions, *, workers: int,
@@ -182,7 +188,7 @@ def run_processes(specs: Iterable[RunSpec], options: RunOptions, *, workers: int
         finished = True
     finally:
         if not finished:
-            _terminate(pool)
+            _terminate(pool)  # every worker has exited when this returns
         pool.shutdown(wait=True, cancel_futures=True)
 
 

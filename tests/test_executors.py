@@ -95,7 +95,8 @@ def test_ctrl_c_in_the_driver_stops_every_worker(env):
     stall_dir.mkdir()
     driver = tmp / "driver.py"
     driver.write_text(textwrap.dedent(f"""
-        import sys
+        import faulthandler, signal, sys
+        faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for stacks on a hang
         from protocols import executors
         from protocols.runner import RunOptions, RunSpec
         if __name__ == "__main__":  # spawned workers import this file again
@@ -118,7 +119,13 @@ def test_ctrl_c_in_the_driver_stops_every_worker(env):
             time.sleep(0.5)
         workers = [int(p.name) for p in stall_dir.iterdir()]
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=60) == 130
+        try:
+            code = proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGUSR1)  # every thread's stack, to the captured stderr
+            time.sleep(2)
+            raise
+        assert code == 130
     finally:
         if proc.poll() is None:
             proc.kill()
