@@ -97,6 +97,10 @@ def test_ctrl_c_in_the_driver_stops_every_worker(env):
     driver.write_text(textwrap.dedent(f"""
         import faulthandler, signal, sys
         faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for stacks on a hang
+        # A parent that ignores SIGINT (a background job of a non-interactive shell, some pytest
+        # workers) passes SIG_IGN on through exec, and Python then installs no KeyboardInterrupt
+        # handler: restore the one a terminal's Python has, which is what this test is about.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         from protocols import executors
         from protocols.runner import RunOptions, RunSpec
         if __name__ == "__main__":  # spawned workers import this file again
