@@ -318,8 +318,7 @@ def cmd_sweep(args, argv: list[str]) -> int:
 def _this_device_measurements(args) -> tuple[str, list[dict]]:
     """This device's name and its stored profile / loader records."""
     from leaderboard.records import PROFILES_DIR, load_measurements
-    from protocols.profile import device_name
-    from protocols.runner import resolve_device
+    from protocols.devices import device_name, resolve_device
 
     name = device_name(resolve_device(args.device))
     return name, [r for r in load_measurements(PROFILES_DIR) if r.get("device") == name]
@@ -344,8 +343,9 @@ def cmd_profile(args) -> None:
     """Measure every method at its protocols' real shape on this device, keep the records beside
     the leaderboard (`leaderboard/profiles/`), print them, and re-render the cost page."""
     from leaderboard.records import PROFILES_DIR, add_measurements
-    from protocols.profile import device_slug, format_profile, profile
-    from protocols.sweep import check_device, parse_overrides, resolve_backbones
+    from protocols.devices import check_device, device_slug
+    from protocols.profile import format_profile, profile
+    from protocols.sweep import parse_overrides, resolve_backbones
 
     check_device(args.device)
     protocols = _split(args.protocols)
@@ -370,9 +370,9 @@ def cmd_smoke(args) -> int:
     and re-render; exit 1 if a run did not complete."""
     from leaderboard.records import SMOKE_DIR, add_measurements
     from leaderboard.store import RunStore
-    from protocols.profile import device_slug
-    from protocols.smoke import REAL_PROTOCOLS, run_smoke
-    from protocols.sweep import check_device
+    from protocols.devices import check_device, device_slug
+    from protocols.record import REAL_PROTOCOLS
+    from protocols.smoke import run_smoke
 
     check_device(args.device)
     protocols = list(REAL_PROTOCOLS) if args.protocols == "real" else _split(args.protocols)
@@ -397,8 +397,9 @@ def cmd_smoke(args) -> int:
 def cmd_cost(args) -> None:
     import json
 
-    from protocols.cost import cost_rows
-    from protocols.sweep import check_device, parse_overrides
+    from protocols.cost_table import cost_rows
+    from protocols.devices import check_device
+    from protocols.sweep import parse_overrides
 
     check_device(args.device)
     rows = cost_rows(_split(args.protocols), args.backbones, _split(args.methods) if args.methods != "all" else ["all"],

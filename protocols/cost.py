@@ -1,4 +1,4 @@
-"""The cost table: added parameters, ViT passes and forward GFLOPs per image of a method.
+"""What a method costs: added parameters, ViT passes and forward GFLOPs per image (a run's `cost`).
 
 `cost_row` builds the method on the given backbone (no training), counts what it adds to the
 ViT (`PromptModel.added_parameters()`, head excluded; frozen-but-owned parts such as earlier CODA
@@ -11,6 +11,7 @@ On CPU, `scaled_dot_product_attention` dispatches to ops the counter does not kn
 (`_scaled_dot_product_flash_attention_for_cpu` and its backward), which would silently drop the
 attention matmuls; they are mapped to the counter's own SDPA formulas so that CPU and GPU counts
 agree (`protocols.profile` counts whole training steps, backward included, with `count_flops`).
+The `cost` command's table over protocols and backbones is `protocols.cost_table`.
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ def input_example(vit: PromptedViT, device: str | torch.device = "cpu") -> torch
 
 def cost_row(method: str, vit: PromptedViT, num_classes: int, hparams: dict | None = None,
              device: str | torch.device = "cpu") -> dict[str, Any]:
-    """One row of the cost table for `method` on `vit` (see the module docstring)."""
+    """`method`'s cost on `vit` (see the module docstring): {"method", *record.COST_FIELDS}."""
     strategy = registry.create(method, vit=vit, num_classes=num_classes, hparams=hparams,
                                device=device)
     model = strategy.model.to(device)
@@ -76,26 +77,3 @@ def cost_row(method: str, vit: PromptedViT, num_classes: int, hparams: dict | No
         "gflops_test": flops[False] / 1e9,
     }
 
-
-def cost_rows(protocols: list[str], backbone_choice: str, methods: list[str],
-              overrides: dict[str, dict], *, weights_dir: str | None, random_init: bool,
-              allow_download: bool, device: str) -> list[dict]:
-    """One cost row per protocol x backbone x method (`--cost`)."""
-    from methods import backbones
-
-    from .runner import method_hparams, resolve_device
-    from .schema import load_protocol
-    from .sweep import _backbones_for
-
-    methods = registry.names() if methods == ["all"] else methods
-    rows = []
-    for pname in protocols:
-        proto = load_protocol(pname)
-        for bb in _backbones_for(proto, backbone_choice if backbone_choice in ("default", "all")
-                                 else backbone_choice.split(",")):
-            vit = backbones.load(bb, weights_dir, random_init, allow_download).vit
-            for m in methods:
-                hp = method_hparams(m, proto, overrides.get(m, {}))
-                row = cost_row(m, vit, proto.num_classes, hp, device=str(resolve_device(device)))
-                rows.append({"protocol": proto.name, "backbone": bb, **row})
-    return rows

@@ -25,8 +25,9 @@ from typing import Callable, Sequence
 from benchmarks import classes_per_exp, dataset_facts
 from methods import backbones, registry
 
-from .profile import device_name, profile_method
-from .runner import RunSpec, resolve, resolve_device
+from .devices import device_name, resolve_device
+from .profile import profile_method
+from .runner import RunSpec, resolve
 from .schema import Protocol, load_protocol
 
 

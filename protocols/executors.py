@@ -26,14 +26,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+from .devices import check_gpus, wants_gpu
+from .errors import ExecutorError
 from .runner import RunOptions, RunSpec, run
 
 EXECUTORS = ("local", "processes", "ray", "slurm")
 FAILURE_MODES = ("raise", "yield")
-
-
-class ExecutorError(Exception):
-    """The executor asked for cannot run here (its package is missing): the user can fix it."""
 
 
 @dataclass(frozen=True)
@@ -192,24 +190,6 @@ def run_processes(specs: Iterable[RunSpec], options: RunOptions, *, workers: int
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _wants_gpu(device: str) -> bool:
-    """Whether a run on `device` runs on a GPU of the node it lands on ("auto" picks CUDA there)."""
-    return device == "auto" or device.startswith("cuda")
-
-
-def _check_gpus(device: str, gpus_per_run: float | None) -> None:
-    if gpus_per_run is None:
-        return
-    if gpus_per_run < 0:
-        raise ValueError(f"--gpus-per-run {gpus_per_run}: give 0 or more GPUs per run")
-    if gpus_per_run > 0 and not _wants_gpu(device):
-        raise ValueError(f"--gpus-per-run {gpus_per_run} asks for GPUs but --device {device} "
-                         f"runs on the CPU; drop --gpus-per-run or use --device cuda")
-    if gpus_per_run == 0 and device.startswith("cuda"):
-        raise ValueError(f"--gpus-per-run 0 with --device {device}: a CUDA run needs a GPU; "
-                         f"use --device cpu or give --gpus-per-run 1")
-
-
 def run_ray(specs: Iterable[RunSpec], options: RunOptions, *, address: str | None = None,
             cpus_per_run: float | None = None, gpus_per_run: float | None = None,
             plugins: Sequence[str] = ()) -> Iterator[tuple[RunSpec, Outcome]]:
@@ -224,7 +204,7 @@ def run_ray(specs: Iterable[RunSpec], options: RunOptions, *, address: str | Non
         import ray
     except ImportError:
         raise ExecutorError("--executor ray needs Ray: pip install 'promptcl[ray]'") from None
-    _check_gpus(options.device, gpus_per_run)
+    check_gpus(options.device, gpus_per_run)
     specs = list(specs)
     started = not ray.is_initialized()
     if started:
@@ -268,8 +248,8 @@ def slurm_parameters(options: RunOptions, *, gpus_per_run: int | None = None,
     "auto" counts as CUDA, since a compute node's "auto" is its GPU: say `--device cpu` for CPU
     jobs). CPUs: `cpus_per_run`, default `options.threads`, else 8 for a GPU job (data loading)
     and 1 for a CPU job."""
-    _check_gpus(options.device, gpus_per_run)
-    gpus = (1 if gpus_per_run is None else int(gpus_per_run)) if _wants_gpu(options.device) else 0
+    check_gpus(options.device, gpus_per_run)
+    gpus = (1 if gpus_per_run is None else int(gpus_per_run)) if wants_gpu(options.device) else 0
     cpus = cpus_per_run or options.threads or (8 if gpus else 1)
     params: dict[str, Any] = {"timeout_min": timeout_min, "cpus_per_task": cpus}
     if gpus:

@@ -29,11 +29,8 @@ maximum and would charge one method with another's allocations.
 from __future__ import annotations
 
 import os
-import platform
-import re
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -44,40 +41,16 @@ from methods import backbones, registry
 from methods.loading import make_loader
 
 from .cost import cost_row, count_flops
-from .runner import method_hparams, resolve_device, versions
+from .devices import device_name, resolve_device
+from .record import utc_now
+from .runner import method_hparams, versions
 from .schema import Protocol, load_protocol
 
-# ---------------------------------------------------------------------- the device
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
-
-def device_name(device: torch.device) -> str:
-    """"cpu (2 cores, AMD EPYC)" or "cuda:0 (NVIDIA H200)": what a profile was measured on."""
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
-    return f"{device.type} ({os.cpu_count()} cores, {_cpu_model()})"
-
-
-def device_slug(name: str) -> str:
-    """File-name form of a device name: "cpu-2-cores-amd-epyc"."""
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
+# ---------------------------------------------------------------------- timing
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def matmul_peak_tflops(device: torch.device, precision: str = "fp32", n: int | None = None,
@@ -208,7 +181,7 @@ def profile_method(protocol: str | Protocol, backbone: str, method: str, *,
     train_tflops = train_img_s * train_flops / bs / 1e12
     eval_tflops = eval_img_s * eval_flops / eval_batch_size / 1e12
     return {
-        "kind": "profile", "created": _now(), "device": device_name(dev), "versions": versions(),
+        "kind": "profile", "created": utc_now(), "device": device_name(dev), "versions": versions(),
         "protocol": proto.name, "backbone": backbone, "method": method, "precision": precision,
         "batch_size": bs, "hparams_batch_size": int(hp["batch_size"]),
         "eval_batch_size": eval_batch_size, "threads": torch.get_num_threads(),
@@ -290,7 +263,7 @@ def loader_throughput(protocol: str | Protocol, backbone: str, workers: Iterable
             seconds = time.perf_counter() - t0
             del it, loader
             records.append({
-                "kind": "loader", "created": _now(), "device": device_label or "cpu",
+                "kind": "loader", "created": utc_now(), "device": device_label or "cpu",
                 "protocol": proto.name, "backbone": backbone, "image_size": spec.image_size,
                 "workers": int(w), "batch_size": batch_size, "images": n,
                 "img_s": _sig(n / seconds), "mean_px": mean_px,

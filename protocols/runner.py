@@ -20,7 +20,6 @@ import platform
 import subprocess
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,9 @@ from benchmarks import build_stream
 from methods import backbones, registry
 
 from .cost import cost_row
+from .devices import resolve_device
 from .metrics import summarize, task_decomposition
+from .record import COST_FIELDS, complete_record, utc_now
 from .schema import Protocol, available, load_protocol
 
 REPO = Path(__file__).resolve().parent.parent
@@ -71,12 +72,6 @@ class RunOptions:
     log_dir: str | None = None  # each run's evaluation log goes to a file here (see log_path)
     progress: bool = False  # a progress bar over the run's tasks (one process, a terminal)
     loader_workers: int | None = None  # DataLoader worker processes (None: by device, methods.loading)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def method_hparams(method: str, protocol: Protocol, *overrides: dict[str, Any]) -> dict[str, Any]:
@@ -138,6 +133,18 @@ def run_key(resolved: dict[str, Any]) -> str:
 
 def spec_key(spec: RunSpec) -> str:
     return run_key(resolve(spec))
+
+
+def record_identity(spec: RunSpec, protocol: Protocol | None = None,
+                    resolved: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a run was asked to do (`protocols.record.IDENTITY_FIELDS`): the part of its record that
+    a complete and a failed run share."""
+    protocol = protocol or load_protocol(spec.protocol)
+    resolved = resolved if resolved is not None else resolve(spec, protocol)
+    return {"key": run_key(resolved), "protocol": protocol.name, "backbone": spec.backbone,
+            "method": spec.method, "label": spec.display_label, "table": spec.table,
+            "position": spec.position, "precision": spec.precision, "seed": int(spec.seed),
+            "spec": resolved}
 
 
 def code_version() -> str:
@@ -298,22 +305,16 @@ def _run(spec: RunSpec, options: RunOptions, stack: contextlib.ExitStack) -> dic
     # counted after the last evaluation, on a fresh copy of the method: nothing here can touch
     # the run's numbers (the counting builds parameters, which draws from the RNG)
     cost = cost_row(spec.method, backbone.vit, info.num_classes, resolved["hparams"], device=device)
-    cost = {k: v for k, v in cost.items() if k != "method"}
     dev = str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
-    return {
-        "key": key, "protocol": protocol.name, "backbone": spec.backbone,
-        "method": spec.method, "label": spec.display_label, "table": spec.table,
-        "position": spec.position, "precision": spec.precision, "status": "ok",
-        "variant": variant(spec, protocol), "role": type(strategy).role,
-        "seed": int(spec.seed), "spec": resolved, "metrics": metrics, "acc_matrix": acc,
-        "per_class_acc": per_class, "class_order": info.class_order,
-        "classes_per_task": info.classes_per_task, "cost": cost,
-        "timings": {"train_s": round(strategy.seconds["train"], 3),
-                    "eval_s": round(strategy.seconds["eval"], 3),
-                    "total_s": round(time.time() - start, 3)},
-        "versions": versions(), "backbone_sha256": backbone.sha256, "backbone_source": backbone.source,
-        "device": dev, "data_hash": info.data_hash, "eval_batch_size": options.eval_batch_size,
+    return complete_record(
+        record_identity(spec, protocol, resolved),
+        variant=variant(spec, protocol), role=type(strategy).role, metrics=metrics, acc_matrix=acc,
+        per_class_acc=per_class, class_order=info.class_order, classes_per_task=info.classes_per_task,
+        cost={k: cost[k] for k in COST_FIELDS},
+        timings={"train_s": round(strategy.seconds["train"], 3),
+                 "eval_s": round(strategy.seconds["eval"], 3),
+                 "total_s": round(time.time() - start, 3)},
+        versions=versions(), backbone_sha256=backbone.sha256, backbone_source=backbone.source,
+        device=dev, data_hash=info.data_hash, eval_batch_size=options.eval_batch_size,
         **({"split": {"name": info.split, "sha256": info.split_hash}} if info.split else {}),
-        "threads": torch.get_num_threads(),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+        threads=torch.get_num_threads(), created=utc_now())

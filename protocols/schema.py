@@ -29,6 +29,8 @@ from benchmarks import DATASET_FACTS, classes_per_exp
 from benchmarks.streams import CLASS_ORDERS, SPLITS
 from benchmarks.transforms import AUGMENTS, EVAL_RESIZES
 
+from .errors import ProtocolError
+
 PROTOCOL_DIR = Path(__file__).resolve().parent
 
 # the allowed values are the data package's own constants: one list, validated here once
@@ -48,10 +50,6 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "methods": (dict,), "ablations": (dict,),
 }
 _REQUIRED = ("name", "dataset", "num_tasks")
-
-
-class ProtocolError(ValueError):
-    """A protocol file is missing, malformed or has an invalid value."""
 
 
 @dataclass(frozen=True)

@@ -46,15 +46,13 @@ import yaml
 
 from methods import registry
 
+from .devices import device_name, resolve_device
 from .errors import SweepError
-from .profile import device_name
-from .runner import RunOptions, RunSpec, method_hparams, resolve_device, run, versions
+from .record import REAL_PROTOCOLS
+from .runner import RunOptions, RunSpec, method_hparams, run, versions
 from .schema import PROTOCOL_DIR, load_protocol
 from .sweep import Store
 
-#: The protocols on real data sets at real resolution (ViT-B/16), in the order a full dry run
-#: takes them: the 10-task variants first, then the 5- and 20-task ImageNet-R.
-REAL_PROTOCOLS = ("cifar100-10t", "imagenet-r-10t", "cub200-10t", "imagenet-r-5t", "imagenet-r-20t")
 BACKBONE = "sup21k"
 STORE = "results/smoke.sqlite"
 DATA_ROOT = "results/smoke-data"

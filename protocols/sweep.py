@@ -11,16 +11,17 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol as TypingProtocol
 
 from methods import backbones, registry
 
-from .errors import USER_ERRORS, SweepError
-from .executors import ExecutorError, RunFailure, _check_gpus, execute
-from .runner import RunOptions, RunSpec, method_hparams, resolve, run_key, spec_key, versions
-from .schema import available, load_protocol
+from .devices import check_device, check_gpus
+from .errors import USER_ERRORS, ExecutorError, SweepError
+from .executors import RunFailure, execute
+from .record import failed_record, utc_now
+from .runner import RunOptions, RunSpec, method_hparams, record_identity, spec_key, versions
+from .schema import Protocol, available, load_protocol
 
 
 class Store(TypingProtocol):
@@ -54,11 +55,13 @@ def parse_overrides(items: Sequence[str]) -> dict[str, dict[str, str]]:
 
 def resolve_backbones(protocol: str, choice: str) -> list[str]:
     """`--backbones` for one protocol: "default" (its first), "all" (its list) or a comma list."""
-    return _backbones_for(load_protocol(protocol), choice if choice in ("default", "all")
-                          else [b.strip() for b in choice.split(",") if b.strip()])
+    return backbones_for(load_protocol(protocol), choice if choice in ("default", "all")
+                         else [b.strip() for b in choice.split(",") if b.strip()])
 
 
-def _backbones_for(proto, choice: str | Sequence[str]) -> list[str]:
+def backbones_for(proto: Protocol, choice: str | Sequence[str]) -> list[str]:
+    """The backbones of `proto` a choice names: "default" (its first), "all" (its list) or names
+    (SweepError for an unknown one)."""
     if choice == "default":
         bbs = list(proto.backbones[:1]) or ["tiny"]
     elif choice == "all":
@@ -120,7 +123,7 @@ def plan(req: SweepRequest) -> list[RunSpec]:
         if not runs:
             raise SweepError(f"nothing to run on {proto.name}: no method and no ablation selected")
         _check_hparams(proto, runs, req.overrides)
-        for bb in _backbones_for(proto, req.backbones):
+        for bb in backbones_for(proto, req.backbones):
             for method, label, table, position, rung in runs:
                 for seed in range(req.seeds):
                     specs.append(RunSpec(where, bb, method, seed, dict(req.overrides.get(method, {})),
@@ -139,10 +142,7 @@ def check_options(options: RunOptions, executor: str = "local", workers: int | N
         if value is not None and (isinstance(value, bool) or value < least):
             raise SweepError(f"{name} must be at least {least}, got {value}")
     check_device(options.device, executor)
-    try:
-        _check_gpus(options.device, gpus_per_run)
-    except ValueError as e:
-        raise SweepError(str(e)) from None
+    check_gpus(options.device, gpus_per_run)
     if executor == "ray":
         _importable("ray", "--executor ray needs Ray: pip install 'promptcl[ray]'")
     elif executor == "slurm":
@@ -154,31 +154,6 @@ def _importable(module: str, message: str) -> None:
         __import__(module)
     except ImportError:
         raise ExecutorError(message) from None
-
-
-def check_device(device: str, executor: str = "local") -> None:
-    """Refuse a `--device` that does not exist here (SweepError). Runs elsewhere (Ray, Slurm) land
-    on machines of their own, so only the name is checked for them."""
-    import torch
-
-    if device == "auto":
-        return
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise SweepError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if dev.type not in ("cpu", "cuda", "mps"):
-        raise SweepError(f"--device {device!r}: the suite runs on cpu or cuda (or mps); use one of them")
-    if executor not in ("local", "processes"):
-        return
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SweepError(f"--device {device}: no CUDA GPU is visible here; use --device cpu (or auto)")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise SweepError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s) "
-                             f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
-    elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise SweepError(f"--device {device}: no Apple MPS device here; use --device cpu (or auto)")
 
 
 def _check_hparams(proto, runs, overrides: dict[str, dict[str, Any]]) -> None:
@@ -225,21 +200,11 @@ def execute_pending(todo: Sequence[RunSpec], store: Store, options: RunOptions, 
             if isinstance(outcome, RunFailure):
                 if isinstance(outcome.exception, USER_ERRORS):
                     raise outcome.exception
-                record = failed_record(spec, outcome)
+                record = failed_record(record_identity(spec), error=outcome.error,
+                                       traceback=outcome.traceback, versions=versions(), created=utc_now())
             else:
                 record = outcome
             record["argv"] = list(argv)
             store.put(record)
             yield spec, record
 
-
-def failed_record(spec: RunSpec, failure: RunFailure) -> dict[str, Any]:
-    """The record of a run that raised: what was asked, and why there is no result."""
-    protocol = load_protocol(spec.protocol)
-    resolved = resolve(spec, protocol)
-    return {"key": run_key(resolved), "protocol": protocol.name, "backbone": spec.backbone,
-            "method": spec.method, "label": spec.display_label, "table": spec.table,
-            "position": spec.position, "precision": spec.precision, "seed": int(spec.seed),
-            "spec": resolved, "status": "failed", "error": failure.error,
-            "traceback": failure.traceback, "versions": versions(),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}

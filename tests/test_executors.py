@@ -13,6 +13,7 @@ import pytest
 
 from benchmarks.synthetic import write_fashion_mnist
 from protocols import executors
+from protocols.errors import ExecutorError
 from protocols.executors import RunFailure
 from protocols.runner import RunOptions, RunSpec
 
@@ -173,9 +174,9 @@ def test_default_workers_follow_cpus_threads_and_runs():
 def test_a_missing_executor_package_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now fails as if not installed
     monkeypatch.setitem(sys.modules, "submitit", None)
-    with pytest.raises(executors.ExecutorError, match=r"pip install 'promptcl\[ray\]'"):
+    with pytest.raises(ExecutorError, match=r"pip install 'promptcl\[ray\]'"):
         list(executors.run_ray([], RunOptions()))
-    with pytest.raises(executors.ExecutorError, match=r"pip install 'promptcl\[slurm\]'"):
+    with pytest.raises(ExecutorError, match=r"pip install 'promptcl\[slurm\]'"):
         list(executors.run_slurm([], RunOptions(device="cpu")))
 
 
