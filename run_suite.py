@@ -162,8 +162,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _records_dir(args) -> Path:
-    from leaderboard.records import RECORDS_DIR
-    from leaderboard.store import OutputError
+    from leaderboard.layout import RECORDS_DIR
+    from leaderboard.output import OutputError
 
     path = Path(args.records_dir) if args.records_dir else RECORDS_DIR
     if path.exists() and not path.is_dir():
@@ -179,9 +179,10 @@ def _local_records(args) -> list[dict]:
 
 
 def render_leaderboard(args) -> None:
-    from leaderboard.records import PROFILES_DIR, SMOKE_DIR, load_measurements, load_published
+    from leaderboard.layout import PROFILES_DIR, SMOKE_DIR
+    from leaderboard.output import check_output_dir
+    from leaderboard.records import load_measurements, load_published
     from leaderboard.render import render_all
-    from leaderboard.store import check_output_dir
 
     check_output_dir(args.leaderboard_dir, "--leaderboard-dir")
     published = load_published(_records_dir(args))
@@ -193,8 +194,9 @@ def render_leaderboard(args) -> None:
 
 
 def cmd_publish(args) -> None:
+    from leaderboard.output import check_output_dir
     from leaderboard.records import publish
-    from leaderboard.store import RunStore, StoreError, check_output_dir
+    from leaderboard.store import RunStore, StoreError
 
     path = args.publish or args.store
     flag = "--publish" if args.publish else "--store"
@@ -214,8 +216,8 @@ def cmd_publish(args) -> None:
 
 
 def cmd_export(args) -> None:
+    from leaderboard.export import export_csv
     from leaderboard.records import load_published, merge
-    from leaderboard.store import export_csv
 
     records = merge(load_published(_records_dir(args)), _local_records(args))
     df = export_csv(records, args.export, protect=[args.store])
@@ -227,8 +229,9 @@ def cmd_sweep(args, argv: list[str]) -> int:
 
     from tqdm import tqdm
 
+    from leaderboard.output import check_output_dir
     from leaderboard.records import load_published, reproduction
-    from leaderboard.store import RunStore, check_output_dir
+    from leaderboard.store import RunStore
     from protocols.executors import default_workers
     from protocols.runner import RunOptions, log_path
     from protocols.sweep import (SweepRequest, check_options, execute_pending, keyed, parse_overrides,
@@ -317,7 +320,8 @@ def cmd_sweep(args, argv: list[str]) -> int:
 
 def _this_device_measurements(args) -> tuple[str, list[dict]]:
     """This device's name and its stored profile / loader records."""
-    from leaderboard.records import PROFILES_DIR, load_measurements
+    from leaderboard.layout import PROFILES_DIR
+    from leaderboard.records import load_measurements
     from protocols.devices import device_name, resolve_device
 
     name = device_name(resolve_device(args.device))
@@ -342,7 +346,8 @@ def dry_run(args, todo, workers: int) -> str:
 def cmd_profile(args) -> None:
     """Measure every method at its protocols' real shape on this device, keep the records beside
     the leaderboard (`leaderboard/profiles/`), print them, and re-render the cost page."""
-    from leaderboard.records import PROFILES_DIR, add_measurements
+    from leaderboard.layout import PROFILES_DIR
+    from leaderboard.records import add_measurements
     from protocols.devices import check_device, device_slug
     from protocols.profile import format_profile, profile
     from protocols.sweep import parse_overrides, resolve_backbones
@@ -368,7 +373,8 @@ def cmd_profile(args) -> None:
 def cmd_smoke(args) -> int:
     """Run the dry run, keep one smoke record per run (leaderboard/smoke/, shown on the cost page)
     and re-render; exit 1 if a run did not complete."""
-    from leaderboard.records import SMOKE_DIR, add_measurements
+    from leaderboard.layout import SMOKE_DIR
+    from leaderboard.records import add_measurements
     from leaderboard.store import RunStore
     from protocols.devices import check_device, device_slug
     from protocols.record import REAL_PROTOCOLS
@@ -417,8 +423,10 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_imports()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    from leaderboard.store import OutputError, RecordError, StoreError
+    from leaderboard.output import OutputError
+    from leaderboard.store import StoreError
     from leaderboard.records import RecordConflict
+    from protocols.record import RecordError
     from protocols.errors import USER_ERRORS
     from protocols.catalog import load_plugins
 

@@ -13,13 +13,13 @@ import json
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from .papers import SUITE_METHODS, load_papers, newest_created, usable
-from .render import MARKER
+from protocols.record import COST_FIELDS
+
+from .markdown import MARKER, pipe_table
+from .papers import SUITE_METHODS, load_papers
+from .records import newest_created, usable
 
 __all__ = ["render_cost"]
-
-_COST_FIELDS = ("trainable_params", "head_params", "passes_train", "passes_test", "gflops_train", "gflops_test")
-
 
 def _int(v: Any) -> str:
     return "—" if v is None else f"{int(round(float(v))):,}"
@@ -45,12 +45,6 @@ def _pair(a: Any, b: Any, fmt=_int) -> str:
 def _method_key(m: Any) -> tuple:
     m = str(m)
     return (SUITE_METHODS.index(m), m) if m in SUITE_METHODS else (len(SUITE_METHODS), m)
-
-
-def _table(lines: list[str], header: list[str], rows: list[list[str]]) -> None:
-    lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "|".join("---" for _ in header) + "|")
-    lines.extend("| " + " | ".join(r) + " |" for r in rows)
 
 
 def _order_key(r: Mapping) -> tuple:
@@ -104,7 +98,7 @@ def _published_section(papers: Mapping) -> list[str]:
         rows.append([c.get("method") or "none", c["paper_name"], added, total,
                      _pair(c.get("passes_train"), c.get("passes_test")), _published_gflops(c),
                      f"{c['source']} ({c['spec']})", ref])
-    _table(lines, ["suite method", "paper's name", "added parameters", "total incl. head (poster)",
+    lines += pipe_table(["suite method", "paper's name", "added parameters", "total incl. head (poster)",
                    "passes train / test", "GFLOPs train / test", "source", "notes"], rows)
     if notes:
         lines += ["", "Notes:", "", *[f"{i}. {t}" for i, t in enumerate(notes, 1)]]
@@ -127,7 +121,7 @@ def _runs_section(runs: list[Mapping], published: Mapping[str, Mapping]) -> list
         for method in sorted(by_method, key=_method_key):
             rs = by_method[method]
             c = _newest(rs)["cost"]
-            varies = {tuple((r.get("cost") or {}).get(k) for k in _COST_FIELDS) for r in rs}
+            varies = {tuple((r.get("cost") or {}).get(k) for k in COST_FIELDS) for r in rs}
             pub = published.get(method)
             rows.append([method, _int(c.get("trainable_params")), _int(c.get("head_params")),
                          _pair(c.get("passes_train"), c.get("passes_test")),
@@ -136,7 +130,7 @@ def _runs_section(runs: list[Mapping], published: Mapping[str, Mapping]) -> list
                          f"{len(rs)}" + (" (counts differ between runs; newest shown)" if len(varies) > 1 else ""),
                          str(newest_created(rs) or "—")])
         lines += [f"### {proto} · {bb}", ""]
-        _table(lines, ["method", "added parameters", "head parameters", "passes train / test",
+        lines += pipe_table(["method", "added parameters", "head parameters", "passes train / test",
                        "GFLOPs train / test", "published added parameters (ViT-B/16)",
                        "published GFLOPs train / test (ViT-B/16)", "runs", "newest run"], rows)
         lines.append("")
@@ -177,7 +171,7 @@ def _profile_section(profiles: list[Mapping], published: Mapping[str, Mapping]) 
                          _num(p.get("cpu_share")),
                          "not measured" if mem is None else _int(mem), str(p.get("created") or "—")])
         lines += [f"### {proto} · {bb}", ""]
-        _table(lines, ["method", "device", "precision", "batch train / eval", "threads", "added parameters",
+        lines += pipe_table(["method", "device", "precision", "batch train / eval", "threads", "added parameters",
                        "passes train / test", "GFLOPs train / test", "published GFLOPs train / test (ViT-B/16)",
                        "train images/s", "eval images/s", "matmul peak (TFLOP/s)",
                        "fraction of peak train / eval", "CPU share", "peak memory (MB)", "measured"], rows)
@@ -192,7 +186,7 @@ def _loader_section(loaders: list[Mapping]) -> list[str]:
     lines = ["### Data loading (loader records)", ""]
     rows = [[d, p, w, _num(latest[(d, p, w)].get("img_s"), 1), str(latest[(d, p, w)].get("created") or "—")]
             for d, p, w in sorted(latest)]
-    _table(lines, ["device", "protocol", "workers", "images/s", "measured"], rows)
+    lines += pipe_table(["device", "protocol", "workers", "images/s", "measured"], rows)
     return lines + [""]
 
 
@@ -211,7 +205,7 @@ def _smoke_section(smoke: list[Mapping]) -> list[str]:
     order = sorted(latest, key=lambda k: (k[0], k[1], _method_key(k[2]), k[3], -int(k[4]) if k[4].isdigit() else 0))
     rows = [[p, b, m, d, t, _num(latest[(p, b, m, d, t)].get("wall_s"), 1),
              str(latest[(p, b, m, d, t)].get("created") or "—")] for p, b, m, d, t in order]
-    _table(lines, ["protocol", "backbone", "method", "device", "tasks", "wall time (s)", "last passed"], rows)
+    lines += pipe_table(["protocol", "backbone", "method", "device", "tasks", "wall time (s)", "last passed"], rows)
     return lines + [""]
 
 

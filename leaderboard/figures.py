@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 from matplotlib.font_manager import FontProperties
 from matplotlib.ticker import FixedLocator, NullFormatter
 
-from .stats import HIGHER_IS_BETTER
+from protocols.record import HIGHER_IS_BETTER
 
 if TYPE_CHECKING:
     from .stats import FriedmanResult

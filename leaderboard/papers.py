@@ -21,17 +21,17 @@ from typing import Any
 import numpy as np
 import yaml
 
-from .render import MARKER
+from protocols.record import REAL_PROTOCOLS
 
-__all__ = ["load_papers", "render_papers", "PapersError", "PAPERS_FILE", "SUITE_METHODS", "REAL_PROTOCOLS",
-           "REAL_BACKBONES", "usable", "newest_created"]
+from .markdown import MARKER, PM, pipe_table
+from .records import newest_created, usable
+
+__all__ = ["load_papers", "render_papers", "PapersError", "PAPERS_FILE", "SUITE_METHODS", "REAL_BACKBONES"]
 
 PAPERS_FILE = "papers.yaml"
-PM = "±"
 #: The suite's names for the six methods the papers report, in the order the tables list them.
 SUITE_METHODS = ("l2p", "dualprompt", "coda_prompt", "hide_prompt", "vq_prompt", "smope")
-#: The suite's protocols and backbones that papers report on (protocols.md §1, §3).
-REAL_PROTOCOLS = ("cifar100-10t", "imagenet-r-5t", "imagenet-r-10t", "imagenet-r-20t", "cub200-10t")
+#: The suite's backbones that papers report on (its protocols: `protocols.record.REAL_PROTOCOLS`).
 REAL_BACKBONES = ("sup21k", "sup1k", "ibot1k", "dino1k")
 ABLATION_TABLE = "ablation:smope"
 #: Published metrics, in column order; f_coda is CODA-Prompt's own forgetting (not FFM).
@@ -298,16 +298,6 @@ def load_papers(path: str | Path | None = None) -> dict:
 
 # ----------------------------------------------------------------------------- records
 
-def usable(record: Mapping[str, Any]) -> bool:
-    """A run that may stand for its row: not failed, and the default configuration (no variant)."""
-    return record.get("status", "ok") in (None, "ok") and not record.get("variant")
-
-
-def newest_created(records: Iterable[Mapping[str, Any]]) -> str | None:
-    stamps = [str(r["created"]) for r in records if r.get("created")]
-    return max(stamps) if stamps else None
-
-
 def _one_per_seed(runs: list[Mapping]) -> list[Mapping]:
     """The newest run per seed, so a re-run seed is never counted twice."""
     best: dict[Any, Mapping] = {}
@@ -424,12 +414,6 @@ def _order(e: Mapping) -> int:
     return SUITE_METHODS.index(e["method"]) if e.get("method") in SUITE_METHODS else len(SUITE_METHODS)
 
 
-def _table(lines: list[str], header: list[str], rows: list[list[str]]) -> None:
-    lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "|".join("---" for _ in header) + "|")
-    lines.extend("| " + " | ".join(r) + " |" for r in rows)
-
-
 def _comparison(entries: list[Mapping], runs_of, extra_methods: list[str], first_col: str,
                 papers: Mapping) -> list[str]:
     """One published-vs-suite table: ``runs_of(entry_or_method)`` gives the suite's runs."""
@@ -462,7 +446,7 @@ def _comparison(entries: list[Mapping], runs_of, extra_methods: list[str], first
     for method in extra_methods:
         rows.append([method, "none published", *["" for _ in metrics], "", *suite_cells(runs_of(method), None), ""])
     lines: list[str] = []
-    _table(lines, header, rows)
+    lines += pipe_table(header, rows)
     if notes.texts:
         lines += ["", "Notes:", "", *notes.lines()]
     return lines
@@ -480,7 +464,7 @@ def _other_benchmarks(entries: list[Mapping], papers: Mapping) -> list[str]:
                      *[_published_cell(e, m) for m in metrics], _source_cell(e),
                      _entry_notes(e, papers, notes, backbone=False)])
     lines: list[str] = []
-    _table(lines, header, rows)
+    lines += pipe_table(header, rows)
     if notes.texts:
         lines += ["", "Notes:", "", *notes.lines()]
     return lines
@@ -520,7 +504,7 @@ def _split_section(used: list[Mapping], papers: Mapping) -> list[str]:
         return lines + ["No ImageNet-R runs are recorded yet.", ""]
     rows = [[p, n, f"`{h}`", f"`{d}`", str(len(rs)), ", ".join(sorted({str(r.get('method')) for r in rs}))]
             for (p, n, h, d), rs in sorted(groups.items())]
-    _table(lines, ["protocol", "split", "split sha256 (first 12 hex)", "data_hash (first 12 hex)", "runs",
+    lines += pipe_table(["protocol", "split", "split sha256 (first 12 hex)", "data_hash (first 12 hex)", "runs",
                    "methods"], rows)
     return lines + [""]
 

@@ -15,33 +15,25 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import re
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .store import RecordError, validate_record
+from protocols.record import RecordError, validate_record
 
-__all__ = ["RECORDS_DIR", "PROFILES_DIR", "SMOKE_DIR", "load_measurements", "add_measurements", "RecordConflict", "PublishResult", "Reproduction", "config_id",
-           "load_published", "merge", "publish", "reproduction", "same_result", "variant_text", "dumps"]
+from .output import slug, write_atomic
 
-RECORDS_DIR = Path(__file__).resolve().parent / "records"
-#: measurements kept apart from the results: `--profile` and `--smoke` records
-PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
-SMOKE_DIR = Path(__file__).resolve().parent / "smoke"
+__all__ = ["load_measurements", "add_measurements", "RecordConflict", "PublishResult", "Reproduction",
+           "config_id", "load_published", "merge", "publish", "reproduction", "same_result", "variant_text",
+           "usable", "newest_created", "dumps"]
+
 #: accuracies are ratios of image counts: two runs agree when every entry agrees to this
 _TOL = 1e-9
 
 
 class RecordConflict(ValueError):
     """An incoming record has a published key but different numbers; nothing was written."""
-
-
-def _slug(s: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(s)).strip("-") or "x"
 
 
 def config_id(record: Mapping[str, Any]) -> str:
@@ -52,6 +44,18 @@ def config_id(record: Mapping[str, Any]) -> str:
     spec.setdefault("label", record.get("label"))
     spec.setdefault("table", record.get("table", "main"))
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def usable(record: Mapping[str, Any]) -> bool:
+    """A run that may stand for its row on the papers and cost pages: not failed, and the default
+    configuration (no variant)."""
+    return record.get("status", "ok") in (None, "ok") and not record.get("variant")
+
+
+def newest_created(records: Iterable[Mapping[str, Any]]) -> str | None:
+    """The newest `created` of `records` (what a page is dated by), None without any."""
+    stamps = [str(r["created"]) for r in records if r.get("created")]
+    return max(stamps) if stamps else None
 
 
 def variant_text(variant: Mapping[str, Any] | None, protocol: bool = False) -> str:
@@ -83,10 +87,10 @@ def _sort_key(record: Mapping[str, Any]) -> tuple:
 
 
 def _file_for(record: Mapping[str, Any], directory: Path) -> Path:
-    return directory / f"{_slug(record['protocol'])}__{_slug(record['backbone'])}.jsonl"
+    return directory / f"{slug(record['protocol'])}__{slug(record['backbone'])}.jsonl"
 
 
-def load_published(directory: str | Path = RECORDS_DIR) -> list[dict[str, Any]]:
+def load_published(directory: str | Path) -> list[dict[str, Any]]:
     """Every published record (validated; a bad line is an error naming the file and line)."""
     directory = Path(directory)
     out: list[dict[str, Any]] = []
@@ -150,7 +154,7 @@ class PublishResult:
     files: list[Path] = field(default_factory=list)
 
 
-def publish(records: Iterable[Mapping[str, Any]], directory: str | Path = RECORDS_DIR,
+def publish(records: Iterable[Mapping[str, Any]], directory: str | Path,
             source: str = "the store") -> PublishResult:
     """Add complete runs to the published records; all or nothing.
 
@@ -188,22 +192,10 @@ def publish(records: Iterable[Mapping[str, Any]], directory: str | Path = RECORD
     directory.mkdir(parents=True, exist_ok=True)
     for path, new in sorted(by_file.items()):
         old = [r for r in published.values() if _file_for(r, directory) == path]
-        _write_atomic(path, "".join(dumps(r) + "\n" for r in sorted(old + new, key=_sort_key)))
+        write_atomic(path, "".join(dumps(r) + "\n" for r in sorted(old + new, key=_sort_key)))
         result.files.append(path)
     result.added = sorted(incoming.values(), key=_sort_key)
     return result
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 @dataclass
@@ -287,7 +279,7 @@ def add_measurements(records: Iterable[Mapping[str, Any]], path: str | Path) -> 
     old = load_measurements_file(path) if path.is_file() else []
     merged = {dumps(r): dict(r) for r in [*old, *records]}
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, "".join(dumps(r) + "\n" for r in sorted(merged.values(), key=_measurement_order)))
+    write_atomic(path, "".join(dumps(r) + "\n" for r in sorted(merged.values(), key=_measurement_order)))
     return path
 
 

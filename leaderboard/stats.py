@@ -18,16 +18,14 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
+from protocols.record import COST_FIELDS, HIGHER_IS_BETTER, METRICS, TIMING_FIELDS
+
 from .records import config_id, variant_text
 
-__all__ = ["runs_frame", "aggregate", "paired_tests", "friedman", "FriedmanResult",
-           "HIGHER_IS_BETTER", "wilcoxon_min_p"]
+__all__ = ["runs_frame", "aggregate", "paired_tests", "friedman", "FriedmanResult", "wilcoxon_min_p"]
 
-#: Direction of each metric: forgetting (FFM) is better when lower.
-HIGHER_IS_BETTER: dict[str, bool] = {"faa": True, "caa": True, "ffm": False, "bwt": True, "final_acc": True,
-                                     "wtp": True, "tii": True}
-_METRICS = ("faa", "caa", "ffm", "bwt", "final_acc", "wtp", "tii")
-_COST = ("trainable_params", "passes_train", "passes_test", "gflops_train", "gflops_test")
+_METRICS = tuple(METRICS)
+_COST = COST_FIELDS
 _GROUP = ["protocol", "backbone", "table"]
 
 
@@ -74,18 +72,16 @@ def runs_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
             "default_protocol": not proto_v, "published": bool(r.get("_published", False)),
             **{k: (float(m[k]) if m.get(k) is not None else np.nan) for k in _METRICS},
             **{c: cost.get(c, np.nan) for c in _COST},
-            "train_s": tim.get("train_s", np.nan),
-            "eval_s": tim.get("eval_s", np.nan),
-            "total_s": tim.get("total_s", np.nan),
+            **{t: tim.get(t, np.nan) for t in TIMING_FIELDS},
             "acc_matrix": r.get("acc_matrix"),
         })
     cols = ["key", *_GROUP, "label", "method", "seed", "created", "position", "role", "config",
             "default_config", "default_protocol", "published", *_METRICS, *_COST,
-            "train_s", "eval_s", "total_s", "acc_matrix"]
+            *TIMING_FIELDS, "acc_matrix"]
     df = pd.DataFrame(rows, columns=cols)
     if df.empty:
         return df
-    for c in [*_COST, "train_s", "eval_s", "total_s"]:
+    for c in [*_COST, *TIMING_FIELDS]:
         df[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
     df = df.sort_values([*_GROUP, "config", "seed", "created", "key"], kind="stable")
     dup = df.duplicated([*_GROUP, "config", "seed"], keep="last")
@@ -112,16 +108,15 @@ def aggregate(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     (protocol, backbone, table, label): one row per configuration (see `runs_frame`).
 
     Columns: protocol, backbone, table, label, method, n, seeds, <metric>_mean, <metric>_std for
-    faa, caa, ffm, bwt, final_acc, wtp, tii, and the cost columns (trainable_params, passes_train,
-    passes_test: median over seeds; train_s, eval_s, total_s: mean) which stay NaN when no record
-    carries them.
+    every metric of `protocols.record.METRICS`, the cost columns (`COST_FIELDS`: median over seeds)
+    and the timings (train_s, eval_s, total_s: mean), which stay NaN when no record carries them.
     """
     df = runs_frame(records)
     out_cols = [*_GROUP, "label", "method", "n", "seeds", "position", "role", "config",
                 "default_config", "default_protocol", "created"]
     for m in _METRICS:
         out_cols += [f"{m}_mean", f"{m}_std"]
-    out_cols += [*_COST, "train_s", "eval_s", "total_s"]
+    out_cols += [*_COST, *TIMING_FIELDS]
     if df.empty:
         return pd.DataFrame(columns=out_cols)
     rows = []
@@ -141,7 +136,7 @@ def aggregate(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
         for c in _COST:
             v = g[c].dropna()
             row[c] = float(v.median()) if len(v) else np.nan
-        for c in ("train_s", "eval_s", "total_s"):
+        for c in TIMING_FIELDS:
             v = g[c].dropna()
             row[c] = float(v.mean()) if len(v) else np.nan
         rows.append(row)

@@ -1,39 +1,23 @@
-"""The run store: one SQLite file holding every complete RunRecord (docs/CONTRACTS.md).
+"""The run store: one SQLite file holding every run record, complete or failed (docs/CONTRACTS.md).
 
 Why SQLite from the standard library: a sweep must be able to skip keys it already has, survive
 being killed half-way, and be copied around as one file; the leaderboard is rebuilt from it
 without running anything. The record itself is kept verbatim as JSON; a few columns are pulled
-out only to filter on.
+out only to filter on. What a record must hold is `protocols.record`'s to say: a record it
+refuses is refused here with its message, the same as publishing gives.
 """
 from __future__ import annotations
 
 import contextlib
 import json
-import math
-import os
 import sqlite3
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    import pandas as pd
+from protocols.record import RecordError, validate_record
 
-__all__ = ["RunStore", "RecordError", "REQUIRED_FIELDS", "REQUIRED_METRICS", "validate_record",
-           "export_csv", "CSV_COLUMNS", "OutputError", "StoreError", "check_output_dir"]
-
-#: Fields without which a record cannot be placed in a table or reproduced.
-REQUIRED_FIELDS: tuple[str, ...] = (
-    "key", "protocol", "backbone", "method", "label", "table", "seed",
-    "spec", "metrics", "acc_matrix", "class_order", "created",
-)
-#: Metrics every table and test is built from (percent).
-REQUIRED_METRICS: tuple[str, ...] = ("faa", "caa", "ffm", "bwt")
-#: What a failed run's record holds instead of results (it is stored so a sweep goes on, can
-#: list it and retries it; it never reaches a table).
-FAILED_FIELDS: tuple[str, ...] = ("key", "protocol", "backbone", "method", "label", "table", "seed",
-                                  "spec", "created", "error")
+__all__ = ["RunStore", "StoreError"]
 
 #: Filter names accepted by ``RunStore.records`` -> column.
 _FILTER_COLUMNS = {"key": "key", "protocol": "protocol", "backbone": "backbone", "method": "method",
@@ -58,53 +42,6 @@ CREATE INDEX IF NOT EXISTS runs_group ON runs (protocol, backbone, tbl, label, s
 
 class StoreError(ValueError):
     """The run store cannot be used (not a store, not writable, busy): nothing was changed."""
-
-
-class RecordError(ValueError):
-    """A record that does not follow the RunRecord contract; nothing was stored."""
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
-
-
-def validate_record(record: Mapping[str, Any]) -> None:
-    """Raise RecordError naming every problem, so an incomplete run never reaches the leaderboard."""
-    if not isinstance(record, Mapping):
-        raise RecordError(f"a run record must be a dict (docs/CONTRACTS.md), got {type(record).__name__}")
-    problems: list[str] = []
-    status = record.get("status", "ok")
-    if status not in ("ok", "failed"):
-        problems.append(f"'status' must be 'ok' or 'failed', got {status!r}")
-    required = FAILED_FIELDS if status == "failed" else REQUIRED_FIELDS
-    missing = [f for f in required if f not in record or record[f] is None]
-    if missing:
-        problems.append(f"missing fields {missing}")
-    for f in ("key", "protocol", "backbone", "method", "label", "table", "created"):
-        if f in record and record[f] is not None and (not isinstance(record[f], str) or not record[f]):
-            problems.append(f"{f!r} must be a non-empty string, got {record[f]!r}")
-    seed = record.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        problems.append(f"'seed' must be an int, got {seed!r}")
-    table = record.get("table")
-    if isinstance(table, str) and table and table != "main" and not (
-            table.startswith("ablation:") and len(table) > len("ablation:")):
-        problems.append(f"'table' must be 'main' or 'ablation:<name>', got {table!r}")
-    metrics = record.get("metrics")
-    if metrics is not None and status == "ok":
-        if not isinstance(metrics, Mapping):
-            problems.append(f"'metrics' must be a dict, got {type(metrics).__name__}")
-        else:
-            bad = [m for m in REQUIRED_METRICS if not _is_number(metrics.get(m))]
-            if bad:
-                problems.append(f"metrics {bad} missing or not finite numbers (have {dict(metrics)})")
-    matrix = record.get("acc_matrix")
-    if matrix is not None and (not isinstance(matrix, list) or not matrix
-                               or any(not isinstance(r, list) or len(r) != len(matrix) for r in matrix)):
-        problems.append("'acc_matrix' must be a non-empty square T x T list of lists")
-    if problems:
-        who = record.get("key", "<no key>")
-        raise RecordError(f"run record {who!r} rejected: " + "; ".join(problems))
 
 
 class RunStore:
@@ -303,92 +240,3 @@ class RunStore:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return iter(self.records())
-
-
-#: The record's metrics that export_csv writes, and all its columns, in order.
-CSV_METRICS: tuple[str, ...] = ("faa", "caa", "ffm", "bwt", "final_acc", "wtp", "tii")
-CSV_COLUMNS: tuple[str, ...] = (
-    "protocol", "backbone", "method", "label", "table", "seed", "key", "config", "variant",
-    "published", *CSV_METRICS, "train_s", "eval_s", "total_s", "trainable_params", "gflops_test",
-)
-
-
-class OutputError(ValueError):
-    """An output path that must not be written (it would destroy something)."""
-
-
-def export_csv(records: Iterable[Mapping[str, Any]], path: str | Path,
-               protect: Iterable[str | Path] = ()) -> "pd.DataFrame":
-    """Write one row per run (for spreadsheets and ad-hoc analysis); returns the frame written.
-
-    Fields a record lacks (e.g. no timings) are left empty rather than guessed. `published` says
-    whether the run is a published record. Refused (OutputError, nothing written): a path in
-    `protect` (the run store), a folder, or an existing file that is not a .csv.
-    """
-    import pandas as pd
-
-    from .records import config_id, variant_text
-
-    path = Path(path)
-    if any(_same_file(path, Path(p)) for p in protect):
-        raise OutputError(f"--export {path} is the run store: refusing to overwrite it with CSV")
-    if path.is_dir():
-        raise OutputError(f"--export {path} is a folder; give a file name ending in .csv")
-    if path.exists() and path.suffix.lower() != ".csv":
-        raise OutputError(f"--export {path} exists and is not a .csv file: refusing to overwrite it")
-    if path.suffix.lower() != ".csv":
-        raise OutputError(f"--export {path}: give a file name ending in .csv")
-    rows = []
-    for r in records:
-        metrics = r.get("metrics") or {}
-        timings = r.get("timings") or {}
-        cost = r.get("cost") or {}
-        rows.append({
-            "protocol": r.get("protocol"), "backbone": r.get("backbone"), "method": r.get("method"),
-            "label": r.get("label"), "table": r.get("table"), "seed": r.get("seed"), "key": r.get("key"),
-            "config": config_id(r),
-            "variant": "; ".join(t for t in (variant_text(r.get("variant"), protocol=True),
-                                             variant_text(r.get("variant"))) if t),
-            "published": bool(r.get("_published", False)),
-            **{m: metrics.get(m) for m in CSV_METRICS},
-            **{t: timings.get(t) for t in ("train_s", "eval_s", "total_s")},
-            "trainable_params": cost.get("trainable_params"), "gflops_test": cost.get("gflops_test"),
-        })
-    df = pd.DataFrame(rows, columns=list(CSV_COLUMNS))
-    if not df.empty:
-        df["seed"] = df["seed"].astype("Int64")
-        df["trainable_params"] = pd.to_numeric(df["trainable_params"]).astype("Int64")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        df.to_csv(path, index=False)
-    except OSError as e:
-        raise OutputError(f"--export {path}: cannot write it ({e.strerror or e})") from None
-    return df
-
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    """Whether `a` and `b` are one file (a symbolic or hard link to it included)."""
-    if a.exists() and b.exists():
-        return os.path.samefile(a, b)
-    return a.resolve() == b.resolve()
-
-
-def check_output_dir(path: str | Path, flag: str) -> None:
-    """Raise OutputError now if files cannot be written into the folder `path` (it need not exist
-    yet): before a sweep runs or anything is published, not after. Creates nothing."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise OutputError(f"{flag} {path} is a file, not a folder; give a folder")
-    existing = path
-    while not existing.exists():  # the folder that would hold the ones still to be made
-        existing = existing.parent
-    if not existing.is_dir():
-        raise OutputError(f"{flag} {path}: {existing} is a file, so no folder can be made there; "
-                          "give another folder")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as e:
-        raise OutputError(f"{flag} {path}: cannot write into {existing} ({e.strerror or e}); give a "
-                          "folder you can write to") from None

@@ -21,8 +21,8 @@ def vit():
 def no_published_records(tmp_path_factory, monkeypatch):
     """Sweeps in tests see an empty published-records folder unless they pass --records-dir: the
     repository's own records (tests/test_published.py reads them) would otherwise join every table."""
-    from leaderboard import records
-    monkeypatch.setattr(records, "RECORDS_DIR", tmp_path_factory.mktemp("published-records"))
+    from leaderboard import layout
+    monkeypatch.setattr(layout, "RECORDS_DIR", tmp_path_factory.mktemp("published-records"))
 
 
 #: Files whose module fixtures take most of the run; collected first, so that with one process

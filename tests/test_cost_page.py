@@ -6,7 +6,7 @@ import pytest
 
 from leaderboard.cost_page import render_cost
 from leaderboard.papers import load_papers
-from leaderboard.render import MARKER
+from leaderboard.markdown import MARKER
 
 from helpers import section_tables
 

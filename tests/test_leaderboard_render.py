@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from leaderboard.render import MARKER, render
+from leaderboard.markdown import MARKER
+from leaderboard.render import render
 from test_leaderboard_stats import SHIFTS, recs_for
 from test_leaderboard_store import make_record
 

@@ -5,7 +5,9 @@ import sqlite3
 import pandas as pd
 import pytest
 
-from leaderboard.store import RecordError, RunStore, export_csv
+from leaderboard.export import export_csv
+from leaderboard.store import RunStore
+from protocols.record import RecordError
 from protocols.metrics import summarize
 
 
@@ -171,7 +173,7 @@ def test_export_csv(tmp_path):
 
 def test_export_refuses_to_destroy(tmp_path):
     """--export never overwrites the store or any existing non-CSV file (issue 11)."""
-    from leaderboard.store import OutputError
+    from leaderboard.output import OutputError
 
     store = RunStore(tmp_path / "runs.sqlite")
     store.put(make_record())

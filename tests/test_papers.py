@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from leaderboard.papers import PapersError, load_papers, render_papers
-from leaderboard.render import MARKER
+from leaderboard.markdown import MARKER
 
 from helpers import section_tables as sections
 

@@ -4,12 +4,15 @@ import re
 from pathlib import Path
 
 from helpers import section_tables
-from leaderboard.records import PROFILES_DIR, RECORDS_DIR, SMOKE_DIR, load_measurements, load_published
+from leaderboard import layout
+from leaderboard.records import load_measurements, load_published
 from leaderboard.render import render_all
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
-LEADERBOARD = ROOT / "leaderboard"
+# the repository's own folders, read at import (conftest.py points sweeps elsewhere during a test)
+LEADERBOARD, RECORDS, PROFILES, SMOKE = (ROOT / d for d in (layout.PAGES_DIR, layout.RECORDS_DIR,
+                                                            layout.PROFILES_DIR, layout.SMOKE_DIR))
 
 # the README's names for the page's labels
 README_NAMES = {"joint (upper bound)": "joint", "HiDe-Prompt": "hide_prompt", "SMoPE": "smope",
@@ -19,10 +22,9 @@ README_NAMES = {"joint (upper bound)": "joint", "HiDe-Prompt": "hide_prompt", "S
 
 def test_the_committed_pages_are_what_the_records_render_to(tmp_path):
     """A page edited by hand, or records committed without their pages, fails here."""
-    published = load_published(RECORDS_DIR)
+    published = load_published(RECORDS)
     assert published, "no published records"
-    render_all(published, (), tmp_path, profiles=load_measurements(PROFILES_DIR),
-               smoke=load_measurements(SMOKE_DIR))
+    render_all(published, (), tmp_path, profiles=load_measurements(PROFILES), smoke=load_measurements(SMOKE))
     fresh = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.md"))
     assert fresh and all((LEADERBOARD / p).is_file() for p in fresh)
     for p in fresh:

@@ -1,0 +1,23 @@
+"""Where the repository's results live: one root, the working directory.
+
+The published records, the profile and smoke records and the pages are files of a checkout of
+the repository, never of the installed package: run the suite from the checkout's root, or name
+the folders on the command line (`--records-dir`, `--profiles-dir`, `--smoke-dir`,
+`--leaderboard-dir`). Nothing is looked up or written beside the installed code, so a
+non-editable install (`pip install .`) never writes into site-packages. The paths here are
+relative: they resolve against the working directory when used.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["PAGES_DIR", "RECORDS_DIR", "PROFILES_DIR", "SMOKE_DIR"]
+
+#: the generated pages and figures (`leaderboard/*.md`, `leaderboard/figures/`)
+PAGES_DIR = Path("leaderboard")
+#: the published run records, `<protocol>__<backbone>.jsonl`: the results
+RECORDS_DIR = PAGES_DIR / "records"
+#: measurements kept apart from the results, `<device>.jsonl`: profile records (`profile`) ...
+PROFILES_DIR = PAGES_DIR / "profiles"
+#: ... and smoke records (`smoke`)
+SMOKE_DIR = PAGES_DIR / "smoke"
