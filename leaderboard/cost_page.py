@@ -192,7 +192,7 @@ def _loader_section(loaders: list[Mapping]) -> list[str]:
 
 def _smoke_section(smoke: list[Mapping]) -> list[str]:
     """One row per protocol, backbone, method, device and task count: a reduced run
-    (`--smoke-tasks K`) never hides when the full protocol last passed, nor the reverse."""
+    (`smoke --tasks K`) never hides when the full protocol last passed, nor the reverse."""
     lines = ["## Real-shape dry runs (smoke records)", "",
              "Kept apart from the results: a smoke run checks that a method runs end to end at the "
              "protocol's real shape; it produces no accuracy. Wall time of the newest complete run and "

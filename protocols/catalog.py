@@ -1,4 +1,4 @@
-"""What the suite offers: methods, protocols and backbones, for `run_suite.py --list`."""
+"""What the suite offers: methods, protocols and backbones, for `run_suite.py list`."""
 from __future__ import annotations
 
 from methods import backbones, registry

@@ -1,4 +1,4 @@
-"""Expected wall time of a sweep before it starts: `--dry-run`.
+"""Expected wall time of a sweep before it starts: the `dry-run` command.
 
 Per run, from the training and evaluation images/s of a profile record (`protocols.profile`) of
 the same protocol, method, precision and backbone architecture (sup21k's profile serves sup1k),
@@ -128,8 +128,8 @@ def estimate(specs: Sequence[RunSpec], profiles: Sequence[dict], *, device: str 
                 if not measure:
                     raise ValueError(
                         f"no profile of {spec.method} on {proto.name} / {spec.backbone} "
-                        f"({spec.precision}) for {device_name(dev)}; run --profile first or let "
-                        f"--dry-run measure it")
+                        f"({spec.precision}) for {device_name(dev)}; run `run_suite.py profile` first "
+                        f"or let `dry-run` measure it")
                 if spec.backbone not in vits:
                     vits[spec.backbone] = backbones.load(spec.backbone, random_init=True).vit
                 if progress:

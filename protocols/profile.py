@@ -1,11 +1,11 @@
-"""Throughput at a protocol's real shape on the current device: `--profile`.
+"""Throughput at a protocol's real shape on the current device: the `profile` command.
 
 Per method, with random backbone weights and synthetic tensors at the backbone's input size (no
 data, no weights): images/s of the training step and of evaluation, their FLOPs, the fraction of
 the device's matmul peak they sustain, and peak memory; per protocol, the data pipeline's images/s
 for each DataLoader worker count. The matmul peak is measured within each method's profile, just
 before its timed steps, so that on a shared CPU both see about the same load. The records go to
-`leaderboard/profiles/<device-slug>.jsonl`, where `--dry-run` (`protocols.estimate`) reads them.
+`leaderboard/profiles/<device-slug>.jsonl`, where `dry-run` (`protocols.estimate`) reads them.
 
 The training step is the strategy's own: `training_epoch()` on a one-batch "loader", so the
 forward (query pass included), the masked CE plus aux losses, backward, clipping and the

@@ -49,10 +49,20 @@ class Env:
     lb: Path
     monkeypatch: pytest.MonkeyPatch
 
-    def base(self) -> list[str]:
-        return ["--protocols", str(self.proto), "--data-root", str(self.data), "--store", str(self.store),
-                "--records-dir", str(self.records), "--leaderboard-dir", str(self.lb),
-                "--workers", "1", "--threads", "1", "--quiet", "--methods", "head_only", "--seeds", "1"]
+    def base(self, command: str = "sweep") -> list[str]:
+        """The options of `command` (a sweep: all of them) that keep every output under tmp."""
+        values = {"protocols": str(self.proto), "data_root": str(self.data), "store": str(self.store),
+                  "records_dir": str(self.records), "leaderboard_dir": str(self.lb), "workers": "1",
+                  "threads": "1", "quiet": None, "methods": "head_only", "seeds": "1"}
+        takes = run_suite.COMMANDS[command].options
+        return [arg for name, value in values.items() if name in takes
+                for arg in ([f"--{name.replace('_', '-')}"] + ([value] if value is not None else []))]
+
+    def argv(self, bad: list[str]) -> list[str]:
+        """A case's command line: its command (none: a sweep) with the base options it takes."""
+        if bad and bad[0] in run_suite.COMMANDS:
+            return [bad[0], *self.base(bad[0]), *bad[1:]]
+        return self.base() + bad
 
     def file(self, name: str, text: str = "not what you think\n") -> Path:
         path = self.tmp / name
@@ -121,7 +131,7 @@ for flag, value in [("--seeds", "0"), ("--seeds", "-1"), ("--seeds", "two"), ("-
 
 @case("cost --format=xml")
 def _(env):
-    return Bad(["--cost", "--random-init", "--format", "xml"], "--format")
+    return Bad(["cost", "--random-init", "--format", "xml"], "--format")
 
 
 @case("unknown option")
@@ -181,7 +191,7 @@ def _(env):
 
 @case("cost with an unknown backbone")
 def _(env):
-    return Bad(["--cost", "--random-init", "--backbones", "vit-huge"], "vit-huge")
+    return Bad(["cost", "--random-init", "--backbones", "vit-huge"], "vit-huge")
 
 
 @case("device=foo")
@@ -215,7 +225,7 @@ def _(env):
 
 @case("cost --device=foo")
 def _(env):
-    return Bad(["--cost", "--random-init", "--device", "foo"], "foo")
+    return Bad(["cost", "--random-init", "--device", "foo"], "foo")
 
 
 @case("gpus-per-run with device cpu")
@@ -240,6 +250,43 @@ def _(env):
 def _(env):
     folder = env.file("slurm-a-file") / "slurm"
     return Bad(["--executor", "slurm", "--device", "cpu", "--slurm-folder", str(folder)], str(folder))
+
+
+# ------------------------------------------------------------------------------ commands
+
+@case("report given a sweep's option")
+def _(env):
+    return Bad(["report", "--seeds", "2"], "--seeds", also=["report does not take", "sweep"])
+
+
+@case("export given a run's option")
+def _(env):
+    return Bad(["export", str(env.tmp / "runs.csv"), "--device", "cpu"], "--device", also=["export"])
+
+
+@case("cost given a sweep's option")
+def _(env):
+    return Bad(["cost", "--random-init", "--workers", "2"], "--workers", also=["cost does not take"])
+
+
+@case("an unknown command")
+def _(env):
+    return Bad(["sweeep"], "sweeep")
+
+
+@case("an old mode flag")
+def _(env):
+    return Bad(["--publish"], "--publish", also=["run_suite.py publish"])
+
+
+@case("two old modes at once")
+def _(env):
+    return Bad(["--cost", "--profile"], "--cost", also=["run_suite.py cost"])
+
+
+@case("two commands at once")
+def _(env):
+    return Bad(["report", "publish"], "publish")
 
 
 # ------------------------------------------------------------------------------ data files
@@ -516,7 +563,7 @@ def _(env):
 @case("plugin breaks --list")
 def _(env):
     p = env.file("raises.py", "raise ValueError('half-written')\n")
-    return Bad(["--plugin", str(p), "--list"], str(p))
+    return Bad(["list", "--plugin", str(p)], str(p))
 
 
 # ------------------------------------------------------------------------------ run stores
@@ -575,7 +622,7 @@ def _(env):
 @case("report from a store that is a text file")
 def _(env):
     f = env.file("runs.txt.sqlite", "hello\n" * 100)
-    return Bad(["--store", str(f), "--report"], str(f))
+    return Bad(["report", "--store", str(f)], str(f))
 
 
 # ------------------------------------------------------------------------------ output paths
@@ -583,61 +630,61 @@ def _(env):
 @case("export under a file")
 def _(env):
     out = env.file("exports") / "runs.csv"
-    return Bad(["--export", str(out)], str(out))
+    return Bad(["export", str(out)], str(out))
 
 
 @case("export into a read-only folder")
 def _(env):
     out = read_only_dir(env, "exports") / "runs.csv"
-    return Bad(["--export", str(out)], str(out))
+    return Bad(["export", str(out)], str(out))
 
 
 @case("export onto the store")
 def _(env):
-    return Bad(["--export", str(env.store)], str(env.store), also=["run store"])
+    return Bad(["export", str(env.store)], str(env.store), also=["run store"])
 
 
 @case("export onto the store through a .csv link")
 def _(env):
     link = env.tmp / "runs.csv"
     link.symlink_to(env.store)
-    return Bad(["--export", str(link)], str(link), also=["run store"])
+    return Bad(["export", str(link)], str(link), also=["run store"])
 
 
 @case("export onto the store through a hard link")
 def _(env):
     link = env.tmp / "hard.csv"
     os.link(env.store, link)
-    return Bad(["--export", str(link)], str(link), also=["run store"])
+    return Bad(["export", str(link)], str(link), also=["run store"])
 
 
 @case("export onto an existing non-CSV file")
 def _(env):
     f = env.file("thesis.tex", "\\documentclass{article}\n")
-    return Bad(["--export", str(f)], str(f))
+    return Bad(["export", str(f)], str(f))
 
 
 @case("export onto a published records file")
 def _(env):
     (f,) = env.records.glob("*.jsonl")
-    return Bad(["--export", str(f)], str(f))
+    return Bad(["export", str(f)], str(f))
 
 
 @case("export to a folder")
 def _(env):
-    return Bad(["--export", str(env.tmp)], str(env.tmp))
+    return Bad(["export", str(env.tmp)], str(env.tmp))
 
 
 @case("export to a name without .csv")
 def _(env):
     out = env.tmp / "runs.json"
-    return Bad(["--export", str(out)], str(out))
+    return Bad(["export", str(out)], str(out))
 
 
 @case("leaderboard-dir under a file, report")
 def _(env):
     d = env.file("pages") / "lb"
-    return Bad(["--leaderboard-dir", str(d), "--report"], str(d))
+    return Bad(["report", "--leaderboard-dir", str(d)], str(d))
 
 
 @case("leaderboard-dir under a file, sweep")
@@ -649,37 +696,37 @@ def _(env):
 @case("leaderboard-dir is a file")
 def _(env):
     f = env.file("lb.md")
-    return Bad(["--leaderboard-dir", str(f), "--report"], str(f))
+    return Bad(["report", "--leaderboard-dir", str(f)], str(f))
 
 
 @case("leaderboard-dir read-only, report")
 def _(env):
     d = read_only_dir(env, "lb-ro")
-    return Bad(["--leaderboard-dir", str(d), "--report"], str(d))
+    return Bad(["report", "--leaderboard-dir", str(d)], str(d))
 
 
 @case("leaderboard-dir read-only, publish")
 def _(env):
     d = read_only_dir(env, "lb-ro")
-    return Bad(["--leaderboard-dir", str(d), "--publish"], str(d))  # before publishing anything
+    return Bad(["publish", "--leaderboard-dir", str(d)], str(d))  # before publishing anything
 
 
 @case("records-dir is a file")
 def _(env):
     f = env.file("records.jsonl")
-    return Bad(["--records-dir", str(f), "--report"], str(f))
+    return Bad(["report", "--records-dir", str(f)], str(f))
 
 
 @case("records-dir under a file, publish")
 def _(env):
     d = env.file("recs") / "records"
-    return Bad(["--records-dir", str(d), "--publish"], str(d))
+    return Bad(["publish", "--records-dir", str(d)], str(d))
 
 
 @case("records-dir read-only, publish")
 def _(env):
     d = read_only_dir(env, "records-ro")
-    return Bad(["--records-dir", str(d), "--publish"], str(d))
+    return Bad(["publish", "--records-dir", str(d)], str(d))
 
 
 @case("records-dir is a file, sweep")
@@ -699,24 +746,24 @@ def _(env):
 def _(env):
     (f,) = env.records.glob("*.jsonl")
     f.write_text(f.read_text() + '{"key": "half a line\n')
-    return Bad(["--report"], str(f))
+    return Bad(["report"], str(f))
 
 
 @case("publish a missing store")
 def _(env):
     f = env.tmp / "cluster.sqlite"
-    return Bad(["--publish", str(f)], str(f))
+    return Bad(["publish", str(f)], str(f))
 
 
 @case("publish a text file")
 def _(env):
     f = env.file("cluster.sqlite", "not sqlite\n" * 100)
-    return Bad(["--publish", str(f)], str(f))
+    return Bad(["publish", str(f)], str(f))
 
 
 @case("publish a folder")
 def _(env):
-    return Bad(["--publish", str(env.tmp)], str(env.tmp))
+    return Bad(["publish", str(env.tmp)], str(env.tmp))
 
 
 @case("publish another program's database")
@@ -724,7 +771,7 @@ def _(env):
     f = env.tmp / "app.db"
     with sqlite3.connect(f) as conn:
         conn.execute("CREATE TABLE users (name TEXT)")
-    return Bad(["--publish", str(f)], str(f))
+    return Bad(["publish", str(f)], str(f))
 
 
 @case("publish a run that conflicts")
@@ -734,7 +781,7 @@ def _(env):
     rec["acc_matrix"][0][0] = 10.0
     rec["metrics"]["faa"] = 1.0
     RunStore(f).put(rec)
-    return Bad(["--publish", str(f)], rec["key"][:12], also=[str(f)])
+    return Bad(["publish", str(f)], rec["key"][:12], also=[str(f)])
 
 
 # ------------------------------------------------------------------------------ protocol files
@@ -846,7 +893,7 @@ def test_a_bad_input_is_one_line_and_changes_nothing(name, env, capsys):
     bad = CASES[name](env)
     before = snapshot(env.tmp)
     try:
-        code = run_suite.main(env.base() + bad.argv)
+        code = run_suite.main(env.argv(bad.argv))
     except SystemExit as e:  # argparse exits instead of returning
         code = e.code
     out, err = capsys.readouterr()

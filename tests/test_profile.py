@@ -117,7 +117,7 @@ def test_estimate_measures_when_no_profile_and_says_so():
     assert len(seen) == 1  # measured once, shared by the seeds
     assert all(e.basis.startswith("measured now") and "batch 4 of 32" in e.basis for e in out)
     assert out[0].seconds == out[1].seconds > 0
-    with pytest.raises(ValueError, match="--profile"):
+    with pytest.raises(ValueError, match="run_suite.py profile"):
         estimate(specs, [], device="cpu", measure=False)
 
 

@@ -30,7 +30,7 @@ def test_the_committed_pages_are_what_the_records_render_to(tmp_path):
     for p in fresh:
         assert (tmp_path / p).read_text() == (LEADERBOARD / p).read_text(), (
             f"leaderboard/{p} is not what leaderboard/records/ renders to: publish the runs it shows, "
-            "or re-render from the records alone (`python run_suite.py --report --store none.sqlite`)")
+            "or re-render from the records alone (`python run_suite.py report --store none.sqlite`)")
 
 
 def test_the_readme_quotes_the_main_table_and_has_no_placeholders():

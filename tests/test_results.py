@@ -26,6 +26,12 @@ def env(tmp_path):
     return tmp_path, args
 
 
+def page_options(tmp: Path) -> list[str]:
+    """The options of `report` and `publish` that keep every output under tmp."""
+    return ["--store", str(tmp / "runs.sqlite"), "--records-dir", str(tmp / "records"),
+            "--leaderboard-dir", str(tmp / "lb")]
+
+
 def rows(page: Path) -> dict[str, dict]:
     return {r["method"]: r for r in parse_tables(page.read_text())[0]}
 
@@ -78,7 +84,7 @@ def published_world():
 def test_pages_survive_other_sweeps_and_report_is_stable(env, capsys):
     tmp, args = env
     publish(published_world(), tmp / "records")
-    assert run_suite.main(args + ["--report"]) == 0
+    assert run_suite.main(["report", *page_options(tmp)]) == 0
     first = snapshot(tmp / "lb")
     pages = [n for n in first if n.endswith(".md")]
     assert {"fmnist-5t__tiny.md", "cifar100-10t__tiny.md", "fmnist-5t__tiny__ablation-prior.md",
@@ -86,7 +92,7 @@ def test_pages_survive_other_sweeps_and_report_is_stable(env, capsys):
 
     # --report twice: byte-identical files, nothing rewritten
     mtimes = {p: p.stat().st_mtime_ns for p in (tmp / "lb").rglob("*") if p.is_file()}
-    assert run_suite.main(args + ["--report"]) == 0
+    assert run_suite.main(["report", *page_options(tmp)]) == 0
     assert snapshot(tmp / "lb") == first
     assert {p: p.stat().st_mtime_ns for p in (tmp / "lb").rglob("*") if p.is_file()} == mtimes
     assert "(0 changed, 0 removed)" in capsys.readouterr().out
@@ -145,19 +151,19 @@ def test_publish_merges_a_store_from_elsewhere_through_the_cli(env, capsys):
     tmp, args = env
     cluster = RunStore(tmp / "cluster.sqlite")
     cluster.put_many([{**r, "status": "ok"} for r in recs_for(protocol="cub200-10t")])
-    assert run_suite.main(args + ["--publish", str(tmp / "cluster.sqlite")]) == 0
+    assert run_suite.main(["publish", str(tmp / "cluster.sqlite"), *page_options(tmp)]) == 0
     assert "published 20 new run(s)" in capsys.readouterr().out
     lines = (tmp / "records" / "cub200-10t__tiny.jsonl").read_text().splitlines()
     assert len(lines) == 20 and lines == sorted(lines, key=lambda s: (json.loads(s)["label"], json.loads(s)["seed"]))
     assert (tmp / "lb" / "cub200-10t__tiny.md").exists()
     # the same store again: nothing new; a conflicting one: exit 2, nothing written
-    assert run_suite.main(args + ["--publish", str(tmp / "cluster.sqlite")]) == 0
+    assert run_suite.main(["publish", str(tmp / "cluster.sqlite"), *page_options(tmp)]) == 0
     bad = RunStore(tmp / "bad.sqlite")
     r = recs_for(protocol="cub200-10t")[0]
     bad.put({**r, "metrics": {**r["metrics"], "faa": 1.0}, "acc_matrix": [[1.0, 1.0, 1.0], [None, 1.0, 1.0], [None, None, 1.0]]})
     before = (tmp / "records" / "cub200-10t__tiny.jsonl").read_bytes()
     capsys.readouterr()
-    assert run_suite.main(args + ["--publish", str(tmp / "bad.sqlite")]) == 2
+    assert run_suite.main(["publish", str(tmp / "bad.sqlite"), *page_options(tmp)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and r["key"][:12] in err and "bad.sqlite" in err
     assert (tmp / "records" / "cub200-10t__tiny.jsonl").read_bytes() == before
@@ -170,7 +176,7 @@ def test_reproduction_line_counts_a_planted_difference(env, capsys):
                      "methods:\n  head_only: {epochs: 1}\n")
     sweep = args + ["--protocols", str(proto), "--methods", "head_only", "--seeds", "2"]
     assert run_suite.main(sweep) == 0
-    assert run_suite.main(args + ["--publish"]) == 0
+    assert run_suite.main(["publish", *page_options(tmp)]) == 0
     # plant a difference in one published record
     path = tmp / "records" / "tiny-5t__tiny.jsonl"
     lines = path.read_text().splitlines()
@@ -201,7 +207,7 @@ def test_reproduction_flags_a_changed_default_configuration():
 def test_seeds_must_be_positive_and_nothing_is_touched(env, capsys):
     tmp, args = env
     publish(published_world(), tmp / "records")
-    assert run_suite.main(args + ["--report"]) == 0
+    assert run_suite.main(["report", *page_options(tmp)]) == 0
     first = snapshot(tmp / "lb")
     for bad in ("0", "-1"):
         assert run_suite.main(args + ["--seeds", bad]) == 2

@@ -1,4 +1,5 @@
 """End to end through run_suite.py on a tiny Fashion-MNIST written in the real IDX format."""
+import importlib
 import re
 from pathlib import Path
 
@@ -7,7 +8,7 @@ import pytest
 import run_suite
 from benchmarks.synthetic import write_fashion_mnist
 from leaderboard.store import RunStore
-from protocols import executors, runner
+from protocols import executors, record, runner
 from protocols.metrics import summarize
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -39,6 +40,7 @@ def test_sweep_stores_runs_renders_and_resumes(env, monkeypatch):
         assert m["final_acc"] <= min(m["wtp"], m["tii"]) + 1e-4 and max(m["wtp"], m["tii"]) <= 100
         assert r["class_order"] == __import__("benchmarks").class_order(10, r["seed"], "shuffled")
         assert r["versions"]["torch"] and r["backbone_sha256"] and r["data_hash"]
+        assert set(r) == set(record.FIELDS) - {"split"}  # the one record definition (no ImageNet-R split)
     joint = [r for r in records if r["method"] == "joint"][0]
     final = joint["acc_matrix"][0][4]  # one model: task 0 is judged among more classes as tasks come
     assert all(joint["acc_matrix"][0][i] >= final for i in range(5))
@@ -92,12 +94,12 @@ def test_clear_errors(env, capsys):
 
 def test_list_and_export(env, capsys):
     tmp, args = env
-    assert run_suite.main(["--list"]) == 0
+    assert run_suite.main(["list"]) == 0
     out = capsys.readouterr().out
     assert "head_only" in out and "fmnist-5t" in out and "tiny" in out
     run_suite.main(args + ["--methods", "head_only", "--seeds", "1"])
     csv = tmp / "runs.csv"
-    assert run_suite.main(args + ["--export", str(csv)]) == 0
+    assert run_suite.main(["export", str(csv), "--store", str(tmp / "runs.sqlite")]) == 0
     lines = csv.read_text().splitlines()
     assert len(lines) == 2 and "faa" in lines[0]
 
@@ -142,11 +144,77 @@ def test_bf16_autocast_reaches_the_forward_only(tiny):
     assert set(head_out) == {torch.float32}
 
 
-@pytest.mark.parametrize("command, flag", [("cmd_smoke", "--smoke"), ("cmd_profile", "--profile")])
-def test_ctrl_c_in_a_long_command_is_one_line_and_exit_130(monkeypatch, capsys, command, flag):
-    def interrupted(args):
+@pytest.mark.parametrize("command, module, function", [("smoke", "protocols.smoke", "run_smoke"),
+                                                       ("profile", "protocols.profile", "profile")])
+def test_ctrl_c_in_a_long_command_is_one_line_and_exit_130(monkeypatch, capsys, tmp_path, command, module,
+                                                         function):
+    def interrupted(*args, **kw):
         raise KeyboardInterrupt
-    monkeypatch.setattr(run_suite, command, interrupted)
-    assert run_suite.main([flag]) == 130
+    monkeypatch.setattr(importlib.import_module(module), function, interrupted)
+    assert run_suite.main([command, "--store", str(tmp_path / "runs.sqlite"), "--no-render"]) == 130
     err = capsys.readouterr().err.strip()
     assert err.startswith("interrupted:") and "\n" not in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------ the commands
+
+def parsed(argv):
+    return vars(run_suite.parse_args(argv))
+
+
+def test_options_without_a_command_are_a_sweep_and_nothing_is_the_default_sweep():
+    bare = ["--methods", "all", "--seeds", "5"]
+    assert parsed(bare) == parsed(["sweep", *bare])
+    default = parsed([])
+    assert default["command"] == "sweep" and default["protocols"] == "fmnist-5t" and default["seeds"] == 5
+    assert default["methods"] is None and default["ablation"] == [] and default["store"] == "results/suite.sqlite"
+    assert parsed(["--ablation", "all"])["command"] == "sweep"
+
+
+def test_each_command_has_its_own_options_and_defaults():
+    assert parsed(["smoke"])["protocols"] == "real" and parsed(["smoke"])["store"] == "results/smoke.sqlite"
+    assert parsed(["publish"])["source"] is None and parsed(["publish", "cluster.sqlite"])["source"] == "cluster.sqlite"
+    assert parsed(["export", "runs.csv"])["csv"] == "runs.csv"
+    assert set(parsed(["list"])) == {"command", "plugin"}
+    assert "seeds" not in parsed(["report"]) and "data_root" not in parsed(["cost"])
+    known = run_suite.options()
+    used = {name for c in run_suite.COMMANDS.values() for name in c.options}
+    assert used == set(known)  # every option belongs to some command, every command's option exists
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["report", "--seeds", "3"], "report does not take --seeds (sweep, dry-run take it"),
+    (["export", "runs.csv", "--data-root", "data"], "export does not take --data-root (sweep takes it"),
+    (["list", "--quiet"], "list does not take --quiet"),
+    (["publish", "--workers", "2"], "publish does not take --workers"),
+    (["--smoke", "--protocols", "cifar100-10t"], "--smoke is a command now: python run_suite.py smoke"),
+    (["--cost", "--profile"], "--cost is a command now: python run_suite.py cost"),
+    (["--export", "runs.csv"], "--export is a command now: python run_suite.py export FILE.csv"),
+    (["--methods", "l2p", "--dry-run"], "--dry-run is a command now: python run_suite.py dry-run"),
+    (["smoke", "--smoke-tasks", "2"], "--smoke-tasks is a command now: python run_suite.py smoke --tasks K"),
+    (["report", "publish"], "unrecognized arguments: publish"),
+])
+def test_an_option_a_command_does_not_use_is_refused_in_one_line(argv, says, capsys, tmp_path, monkeypatch):
+    """Never silently ignored, and never two modes at once: one `error:` line, exit 2, nothing run."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        run_suite.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and says in err, err
+    assert not list(tmp_path.iterdir())  # no store, no page, no record
+
+
+def test_a_command_is_one_function(monkeypatch, capsys):
+    """How `fetch` or `check` will be added: a function registered with its name, help and options."""
+    monkeypatch.setattr(run_suite, "COMMANDS", dict(run_suite.COMMANDS))
+
+    @run_suite.command("echo", "print the records folder", ("records_dir",))
+    def cmd_echo(args):
+        print(run_suite.records_dir(args))
+        return 0
+
+    assert run_suite.main(["echo", "--records-dir", "elsewhere"]) == 0
+    assert capsys.readouterr().out == "elsewhere\n"
+    with pytest.raises(SystemExit):
+        run_suite.main(["echo", "--seeds", "2"])
+    assert "echo does not take --seeds" in capsys.readouterr().err
