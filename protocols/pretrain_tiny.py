@@ -9,6 +9,10 @@ per-class subset comes from `benchmarks.subsample_indices`; this recipe trains o
     python -m protocols.pretrain_tiny            # rebuild methods/weights/tiny_fmnist.pt (+ .json)
     python -m protocols.pretrain_tiny --probe    # only re-run the quality check on the shipped file
 
+Run it from the repository's root: it writes the checkout's methods/weights/ (relative to the
+working directory), never the installed package. The probe needs scikit-learn
+(`pip install 'promptcl[tiny]'`).
+
 Quality check (recorded in the .json and the README): a logistic-regression probe on frozen
 final-LN [CLS] features, trained on the stream's training images and scored on its test images,
 must beat the same probe on raw pixels and on a randomly initialised ViT of the same shape.
@@ -33,8 +37,9 @@ from torch import nn
 from benchmarks import fashion_mnist, streams
 from methods import backbones
 
-WEIGHTS = backbones.SHIPPED_WEIGHTS / "tiny_fmnist.pt"
+WEIGHTS = backbones.SHIPPED_WEIGHTS / "tiny_fmnist.pt"  # the shipped file, as installed (read)
 META = WEIGHTS.with_suffix(".json")
+OUT = Path("methods") / "weights" / WEIGHTS.name  # the checkout's copy (written), from its root
 PROTOCOL = Path(__file__).resolve().parent / "fmnist-5t.yaml"
 
 RECIPE = dict(epochs=4, batch_size=128, lr=1e-3, weight_decay=0.05, label_smoothing=0.1,
@@ -116,10 +121,14 @@ def cls_features(vit: nn.Module, images: np.ndarray) -> np.ndarray:
 
 
 def probe_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> float:
-    """Logistic-regression probe on standardised features (scikit-learn)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+    """Logistic-regression probe on standardised features (scikit-learn, an optional dependency:
+    only this check needs it)."""
+    try:
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+    except ImportError:
+        raise SystemExit("the tiny backbone's probe needs scikit-learn: pip install 'promptcl[tiny]'") from None
 
     clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, C=1.0))
     clf.fit(train_x.reshape(len(train_x), -1), train_y)
@@ -150,13 +159,15 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data-root", default=None, help="folder holding Fashion-MNIST (else the Debian location)")
     ap.add_argument("--epochs", type=int, default=RECIPE["epochs"])
-    ap.add_argument("--out", type=Path, default=WEIGHTS)
+    ap.add_argument("--out", type=Path, default=OUT,
+                    help=f"the weights file to write (default {OUT}, from the repository's root)")
     ap.add_argument("--probe", action="store_true", help="only run the quality check on --out")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: reproducible, and fast enough on a shared 2-core machine)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    meta = json.loads(META.read_text()) if args.probe and META.exists() else {}
+    meta_file = args.out.with_suffix(".json")
+    meta = json.loads(meta_file.read_text()) if args.probe and meta_file.exists() else {}
     if not args.probe:
         meta = {"recipe": {**RECIPE, "epochs": args.epochs},
                 "command": "python -m protocols.pretrain_tiny" + (
@@ -168,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     meta["probe"] = {k: round(v, 4) for k, v in probe(args.data_root, args.out).items()}
     meta["probe_protocol"] = ("logistic regression on standardised final-LN [CLS] features (raw: "
                               "pixels); train = fmnist-5t training subset, test = its test subset")
-    args.out.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+    meta_file.write_text(json.dumps(meta, indent=2) + "\n")
     print(json.dumps(meta, indent=2))
     p = meta["probe"]
     if not (p["pretrained_vit"] > p["raw_pixels"] and p["pretrained_vit"] > p["random_vit"]):
