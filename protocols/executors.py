@@ -26,6 +26,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+import torch
+
+from methods import registry
+
 from .devices import check_gpus, wants_gpu
 from .errors import ExecutorError
 from .runner import RunOptions, RunSpec, run
@@ -82,7 +86,6 @@ def _run_caught(spec: RunSpec, options: RunOptions, plugins: Sequence[str] = (),
     exception comes back as a `RunFailure`. KeyboardInterrupt and SystemExit are not caught."""
     try:
         if plugins:
-            from methods import registry
             for plugin in plugins:
                 if plugin not in _PLUGINS_LOADED:
                     registry.load_plugin(plugin)
@@ -119,7 +122,6 @@ def _init_process_worker(threads: int) -> None:
     # the workers would finish their run, then wait forever for the next one, holding memory
     # (and a GPU). Each worker watches its parent and exits once it is gone.
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
-    import torch
     torch.set_num_threads(threads)
 
 
