@@ -4,8 +4,9 @@ import torch
 from avalanche.benchmarks.scenarios.supervised import class_incremental_benchmark
 from avalanche.benchmarks.utils import DataAttribute, TransformGroups, make_avalanche_dataset
 
-PROTOCOLS = ["cifar100-10t", "imagenet-r-5t", "imagenet-r-10t", "imagenet-r-20t", "cub200-10t",
-             "fmnist-5t"]
+from protocols.schema import available
+
+PROTOCOLS = available()  # every shipped protocol
 
 
 class Images(torch.utils.data.Dataset):

@@ -11,6 +11,7 @@ from leaderboard.records import load_published, publish
 from leaderboard.store import RunStore
 from protocols import record
 from protocols.record import RecordError, complete_record, failed_record, validate_record
+from protocols.schema import available, load_protocol
 from test_leaderboard_store import make_record
 
 IDENTITY = {"key": "k" * 64, "protocol": "fmnist-5t", "backbone": "tiny", "method": "l2p", "label": "l2p",
@@ -93,3 +94,10 @@ def test_every_metric_has_a_title_a_definition_and_a_direction():
         assert m.title and m.definition and "\n" not in m.definition, name
         assert record.HIGHER_IS_BETTER[name] is m.higher_is_better
     assert record.HIGHER_IS_BETTER["ffm"] is False  # forgetting: lower is better
+
+
+def test_the_real_protocols_are_the_shipped_ones_on_real_data():
+    """One list (the papers page and the smoke dry run read it): every shipped protocol but the
+    embedded default, whose data set is the tiny Fashion-MNIST."""
+    assert set(record.REAL_PROTOCOLS) == set(available()) - {"fmnist-5t"}
+    assert all(load_protocol(p).dataset != "fashion_mnist" for p in record.REAL_PROTOCOLS)
