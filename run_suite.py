@@ -82,7 +82,8 @@ def options() -> dict[str, tuple[tuple[str, ...], dict]]:
             help="also run the protocol's ablation NAME ('all': every one), its own table (repeatable)")),
         "seeds": (("--seeds",), dict(type=int, default=5, help="seeds 0..N-1 (default 5)")),
         "protocols": (("--protocols",), dict(
-            default="fmnist-5t", help="comma list of protocol names or YAML paths, or 'all' (default fmnist-5t)")),
+            default="fmnist-5t", help="comma list of protocol names or YAML paths, or 'all' (default %(default)s; "
+                                      "smoke's 'real': every protocol on real data)")),
         "backbones": (("--backbones",), dict(
             default="default", help="comma list, 'default' (each protocol's first) or 'all' (each protocol's list)")),
         "set": (("--set",), dict(
@@ -97,7 +98,7 @@ def options() -> dict[str, tuple[tuple[str, ...], dict]]:
                                              help="folder of the data sets (default data/, or $PROMPTCL_DATA_ROOT)")),
         "weights_dir": (("--weights-dir",), dict(default="pretrained", help="folder of the ViT-B/16 checkpoints")),
         "store": (("--store",), dict(default="results/suite.sqlite",
-                                     help="the local SQLite run store (default results/suite.sqlite)")),
+                                     help="the local SQLite run store (default %(default)s)")),
         "records_dir": (("--records-dir",), dict(
             default=None, help="published records (default leaderboard/records/ in the working directory)")),
         "profiles_dir": (("--profiles-dir",), dict(
@@ -228,8 +229,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args, extra = top.parse_known_args(with_command(argv))
     if extra:
         flag = next((e.split("=", 1)[0] for e in extra if e.startswith("-")), None)
-        takers = [c.name for c in COMMANDS.values()
-                  if flag and any(flag in options()[o][0] for o in c.options)]
+        known = options()
+        takers = [c.name for c in COMMANDS.values() if any(flag in known[o][0] for o in c.options)]
         if takers:
             top.exit(2, f"error: {args.command} does not take {flag} ({', '.join(takers)} "
                         f"{'takes' if len(takers) == 1 else 'take'} it; see run_suite.py {args.command} --help)\n")
