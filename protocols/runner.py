@@ -36,6 +36,7 @@ from .metrics import summarize, task_decomposition
 from .record import COST_FIELDS, complete_record, utc_now
 from .schema import Protocol, available, load_protocol
 
+#: the folder that holds the packages: a checkout of the suite, or site-packages once installed
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -148,7 +149,10 @@ def record_identity(spec: RunSpec, protocol: Protocol | None = None,
 
 
 def code_version() -> str:
-    """The git commit of the suite (+ '-dirty' with local changes), else the package version."""
+    """The git commit of the suite (+ '-dirty' with local changes) when the code runs from a
+    checkout, else the package version (an installed copy is no checkout, even inside one)."""
+    if not (REPO / ".git").exists():
+        return _pkg_version("promptcl")
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
                              text=True, timeout=5).stdout.strip()
