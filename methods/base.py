@@ -1,6 +1,6 @@
 """`PromptStrategy`: the Avalanche `SupervisedTemplate` every method in the suite subclasses.
 
-What it fixes for every method alike (the fairness rules of DESIGN.md):
+What it fixes for every method alike (the suite's fairness rules):
 - the backbone is frozen (`requires_grad_(False)`) and never in an optimizer: the optimizer is
   rebuilt at each task over the parameters that require grad, through `param_groups()`;
 - training CE sees only the current task's logits (the others are -inf); evaluation masks the
@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, ClassVar, Iterator, NamedTuple
 
 import torch
@@ -32,6 +32,30 @@ from avalanche.training.templates import SupervisedTemplate
 from torch import Tensor, nn
 from .loading import default_loader_workers, make_loader
 from .vit import PromptedViT
+
+
+#: metadata flag of a hyperparameter added after records were published (see `added_hparam`)
+KEYLESS_DEFAULT = "keyless_default"
+
+
+def added_hparam(default: Any) -> Any:
+    """A dataclass field for a hyperparameter added to a method after its records were published.
+
+    Its default is left out of the resolved hyperparameters (`hparams_key_dict`), so the run keys
+    of the published records (the hash of the resolved spec) stay what they were, and a run at the
+    default is the same run as before; any other value is written out, so such a run gets its own
+    key and its own labelled row."""
+    return field(default=default, metadata={KEYLESS_DEFAULT: True})
+
+
+def hparams_key_dict(hp: Any) -> dict[str, Any]:
+    """`asdict(hp)` without the `added_hparam` fields that hold their default: the hyperparameters
+    as they enter a run's resolved spec (and its key)."""
+    out = asdict(hp)
+    for f in fields(hp):
+        if f.metadata.get(KEYLESS_DEFAULT) and f.default is not MISSING and out[f.name] == f.default:
+            del out[f.name]
+    return out
 
 
 @dataclass
@@ -390,7 +414,7 @@ class PromptStrategy(SupervisedTemplate):
                    batch[1].to(self.device, non_blocking=self.pin_memory))
 
     def hparams_dict(self) -> dict[str, Any]:
-        return asdict(self.hp)
+        return hparams_key_dict(self.hp)
 
     @classmethod
     def hparam_names(cls) -> list[str]:

@@ -1,6 +1,6 @@
 """The method registry: names -> `PromptStrategy` subclasses, and their hyperparameters.
 
-Three ways in (DESIGN.md "Extension"):
+Three ways in (README.md "Adding a method"):
 1. a module in the `methods` package decorated with `@register("name")`: every module of the
    package is imported on first use, so a new method is one new file and nothing else;
 2. `load_plugin("path/to/file.py")` or `load_plugin("package.module")` (`--plugin` on the CLI);
@@ -28,7 +28,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-from .base import PromptStrategy
+from .base import PromptStrategy, hparams_key_dict
 
 ENTRY_POINT_GROUP = "promptcl.methods"
 # `names()` lists references before methods: their role sorts first
@@ -225,7 +225,7 @@ def resolve_hparams(name: str, protocol: str | None = None, *overrides: dict[str
                     f"unknown hyperparameter {key!r} for method {name!r}; valid: {', '.join(sorted(valid))}")
             merged[key] = _coerce(value, hints.get(key, Any), f"{name}.{key}")
     try:
-        return dataclasses.asdict(cls.Hparams(**merged))
+        return hparams_key_dict(cls.Hparams(**merged))
     except (TypeError, ValueError) as e:  # the dataclass's own checks (choices, ranges)
         raise HparamError(f"{name}: {e}") from None
 

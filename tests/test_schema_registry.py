@@ -162,3 +162,41 @@ def test_stream_facts_give_the_per_task_hyperparameters():
     with pytest.raises(ValueError, match="pool_size=3"):
         registry.create("dualprompt", vit=__import__("methods").backbones.load("tiny", random_init=True).vit,
                         num_classes=10, hparams={"pool_size": 3}, num_tasks=5)
+
+
+def test_an_added_hyperparameter_keeps_published_keys_until_it_is_set(monkeypatch):
+    """A hyperparameter added after records were published (`added_hparam`) is left out of the
+    resolved spec while it has its default, so the published run keys stay valid; set to another
+    value it is written out, so the run gets its own key (and its own labelled row)."""
+    from dataclasses import dataclass
+
+    from methods import Hparams, PromptStrategy, added_hparam, register
+
+    registry.names()  # discover the built-ins first, then keep the test's methods out of them
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+
+    @dataclass
+    class OldHp(Hparams):
+        width: int = 4
+
+    @dataclass
+    class NewHp(OldHp):
+        rule: str = added_hparam("suite")
+
+    @register("keyless_old_for_test")
+    class Old(PromptStrategy):
+        Hparams = OldHp
+        DEFAULTS = {"*": {"epochs": 2}}
+
+    @register("keyless_new_for_test")
+    class New(PromptStrategy):
+        Hparams = NewHp
+        DEFAULTS = {"*": {"epochs": 2}}
+
+    old = registry.resolve_hparams("keyless_old_for_test", "fmnist-5t")
+    assert registry.resolve_hparams("keyless_new_for_test", "fmnist-5t") == old
+    assert registry.resolve_hparams("keyless_new_for_test", "fmnist-5t", {"rule": "suite"}) == old
+    changed = registry.resolve_hparams("keyless_new_for_test", "fmnist-5t", {"rule": "official"})
+    assert changed == {**old, "rule": "official"}
+    # the strategy still sees the default when the key is absent
+    assert NewHp(**old).rule == "suite"
