@@ -279,13 +279,13 @@ def check_pages_dir(args) -> None:
         check_output_dir(pages_dir(args), "--leaderboard-dir")
 
 
-def render_leaderboard(args) -> None:
-    """Every page, from the published records and the local store's runs not published yet."""
+def render_leaderboard(args, out: Path) -> None:
+    """Every page into `out`, from the published records and the local store's runs not published
+    yet (each command that renders says where: `pages_dir(args)`)."""
     from leaderboard.output import check_output_dir
     from leaderboard.records import load_measurements, load_published
     from leaderboard.render import render_all
 
-    out = pages_dir(args)
     check_output_dir(out, "--leaderboard-dir")
     published = load_published(records_dir(args))
     keys = {p["key"] for p in published}
@@ -346,7 +346,7 @@ def cmd_sweep(args) -> int:
     for line in reproduction([r for _, k in specs if (r := store.get(k)) is not None], published).lines():
         print(line)
     if not args.no_render:
-        render_leaderboard(args)
+        render_leaderboard(args, pages_dir(args))
     return 1 if failed else 0
 
 
@@ -501,13 +501,13 @@ def cmd_publish(args) -> None:
     for f in res.files:
         print(f"  {f}")
     if not args.no_render:
-        render_leaderboard(args)
+        render_leaderboard(args, pages_dir(args))
 
 
 @command("report", "re-render the pages from the published records (and the local store's runs, if it exists); "
                    "runs nothing", ("store", "records_dir", "profiles_dir", "smoke_dir", "leaderboard_dir"))
 def cmd_report(args) -> None:
-    render_leaderboard(args)
+    render_leaderboard(args, pages_dir(args))
 
 
 @command("export", "write one CSV row per run: the published records and the local store's runs",
@@ -568,7 +568,7 @@ def cmd_profile(args) -> None:
         print(format_profile(records))
         print(f"{len(records)} profile records added to {path}")
     if not args.no_render:
-        render_leaderboard(args)
+        render_leaderboard(args, pages_dir(args))
 
 
 @command("smoke", "the real-shape dry run: every method through every task of the real protocols on ViT-B/16 "
@@ -600,7 +600,7 @@ def cmd_smoke(args) -> int:
     print(f"smoke: {complete}/{len(done)} runs complete in {sum(s.smoke['wall_s'] for s in done):.0f} s; "
           f"records in {args.store}, smoke records in {smoke_dir(args)}/")
     if not args.no_render:
-        render_leaderboard(args)
+        render_leaderboard(args, pages_dir(args))
     return 0 if complete == len(done) else 1
 
 
