@@ -9,7 +9,7 @@ Training uses the ground-truth task's E-prompt for every image and pulls that ta
 the frozen query q(x). At test each image takes the E-prompt whose key has the highest cosine with
 its own query (top-1, per sample). The head reads the prompted [CLS].
 
-Sizes (baselines.md §2.3, ViT-B/16, pool 10): G 2*2*5*768 = 15,360; keys 10*768 = 7,680;
+Sizes (docs/sources.md#cost, ViT-B/16, pool 10): G 2*2*5*768 = 15,360; keys 10*768 = 7,680;
 E 3*2*10*5*768 = 230,400 (CIFAR, length 5) -> 253,440, or 921,600 (ImageNet-R, length 20)
 -> 944,640.
 """
@@ -118,11 +118,12 @@ _IMR_TEST = ReferenceTest(("prefix_mixing",), 24, "dualprompt-pytorch configs/im
 class DualPrompt(PromptStrategy):
     """DualPrompt as the suite runs it (mechanism in the module docstring).
 
-    Departures from the paper / official code (baselines.md §2):
+    Departures from the paper / official code (docs/sources.md#dualprompt):
     - Test-time selection is per sample everywhere. The official CIFAR config votes one E-prompt
-      per test batch (`batchwise_prompt=True`): the reference mode `batch_vote`. The E-prefix is
-      gathered per sample with its key/value axis kept apart; dualprompt-pytorch reshapes it
-      across the batch (prompt.py:118-122; the JAX code does not): the reference mode
+      per test batch (`batchwise_prompt=True`, docs/sources.md#batch-wise-prompt-vote): the
+      reference mode `batch_vote`. The E-prefix is gathered per sample with its key/value axis
+      kept apart; dualprompt-pytorch reshapes it across the batch (prompt.py:118-122,
+      docs/sources.md#prefix-reshape-without-a-permute; the JAX code does not): the reference mode
       `prefix_mixing`, and in training the hyperparameter `prefix_mixing`. Neither is a default.
     - At test the key match runs over the tasks learnt so far; the code matches all pool keys,
       untrained future ones included (changes intermediate accuracies only, not the final one).

@@ -20,13 +20,15 @@ Per task t, in one online pass (stage 1 of task t, then stage 2 of task t):
 At test time (2 passes): the TII model's argmax over seen classes gives a class, hence a task,
 hence the prompt -- per sample -- then the prompted pass and the main head.
 
-Departures, named (the paper's text was not found, baselines.md 4: this follows the code):
+Departures, named (the paper's text was not found, docs/sources.md#hide-prompt: this follows the
+code):
 - the code runs stage 1 over the whole task sequence, then stage 2 loading stage 1's per-task
   checkpoints (two full sequential runs); here the two stages alternate task by task in one
   online pass. Nothing in stage 2 of task t depends on stage 1 of later tasks, so this is the same
   computation in a different order, but it is one run;
 - the code's prefix reshape (peft/prompt/hide_prompt.py:105-119: (key/value, batch) read as
-  (batch, key/value), so images receive other images' halves) is not reproduced: prompts are
+  (batch, key/value), so images receive other images' halves,
+  docs/sources.md#prefix-reshape-without-a-permute) is not reproduced: prompts are
   selected and applied per sample. It is the reference mode `prefix_mixing` (evaluation), and the
   hyperparameter `prefix_mixing` reproduces it in training and in the instructed statistics
   (`_compute_mean` runs the same reshape, engines/hide_promtp_wtp_and_tap_engine.py:379), over
