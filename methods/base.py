@@ -16,6 +16,15 @@ What it fixes for every method alike (the suite's fairness rules):
 
 A method subclasses `PromptStrategy`, defines `Hparams` (a dataclass extending the base one),
 `DEFAULTS` (per-protocol overrides of the hparams), `build_model()`, and the hooks it needs.
+
+Reference modes. Evaluation is per sample and independent of the test batch size. Where a
+method's public code does something at test time that depends on the batch (a majority vote of
+the prompt choice, a prefix reshape that mixes images), the method lists it in `REFERENCE_MODES`
+and implements it behind `PromptModel.in_reference_mode(name)`; `strategy.reference_mode(*names)`
+switches such modes on for an evaluation of the same trained model, and `REFERENCE_TESTS` says
+which modes and which test batch size each protocol's reference configuration uses. A mode never
+changes training and is never on by default; where the behaviour is also in the reference code's
+training forward, the method has a hyperparameter for it (an `added_hparam`, off by default).
 """
 from __future__ import annotations
 
@@ -113,6 +122,13 @@ class PromptModel(nn.Module):
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
         self.task_id = 0
+        # evaluation modes of the reference code (`PromptStrategy.reference_mode`); none = per sample
+        self.reference_modes: frozenset[str] = frozenset()
+
+    def in_reference_mode(self, name: str) -> bool:
+        """Whether this evaluation forward reproduces the reference code's behaviour `name` (never
+        while training: training follows the hyperparameters alone)."""
+        return not self.training and name in self.reference_modes
 
     def features(self, x: Tensor) -> Tensor:
         return self.vit(x)
@@ -146,6 +162,15 @@ def _timer(acc: dict[str, float], key: str):
         acc[key] += time.perf_counter() - t0
 
 
+class ReferenceTest(NamedTuple):
+    """How a method's reference code evaluates on one protocol: the reference modes its
+    configuration turns on, its test batch size (images of one task's test set per batch, in
+    order) and the configuration file:line that says so."""
+    modes: tuple[str, ...]
+    batch_size: int
+    source: str
+
+
 class TaskStages(NamedTuple):
     """Work a task adds to its `epochs` training epochs, per training image of the task (what a
     cost estimate needs to know of a method's per-task stages)."""
@@ -172,6 +197,11 @@ class PromptStrategy(SupervisedTemplate):
     # the method's cumulative ablation ladder: [(label, hparam overrides), ...], first rung to
     # the full method (a protocol's `ablations: {name: {method: m, variants: ladder}}` runs it)
     ABLATION: ClassVar[list[tuple[str, dict[str, Any]]]] = []
+    # the reference code's batch-dependent test-time behaviours: mode name -> what it does, with
+    # the public code's file:line (see the module docstring); none = the code is per sample
+    REFERENCE_MODES: ClassVar[dict[str, str]] = {}
+    # protocol name -> the reference configuration's modes and test batch size
+    REFERENCE_TESTS: ClassVar[dict[str, ReferenceTest]] = {}
 
     def __init__(self, *, vit: PromptedViT, num_classes: int, hparams: Any = None,
                  device: str | torch.device = "cpu", eval_mb_size: int = 256,
@@ -262,6 +292,24 @@ class PromptStrategy(SupervisedTemplate):
             with _timer(self.seconds, "eval"):
                 self.eval(test_stream[:i + 1])
             yield i
+
+    @contextlib.contextmanager
+    def reference_mode(self, *names: str) -> Iterator[None]:
+        """Evaluate, inside the block, with the reference code's batch-dependent behaviours
+        `names` (keys of `REFERENCE_MODES`; none = per sample). The strategy's `eval_mb_size` then
+        decides what a batch is: Avalanche evaluates one experience (one task's test set) at a
+        time, in order, as the reference codes do. Training inside the block is unaffected."""
+        unknown = [n for n in names if n not in self.REFERENCE_MODES]
+        if unknown:
+            valid = ", ".join(self.REFERENCE_MODES) or "none (its reference code is per sample)"
+            raise ValueError(f"{self.name or type(self).__name__}: unknown reference mode(s) "
+                             f"{', '.join(map(repr, unknown))}; valid: {valid}")
+        before = self.model.reference_modes
+        self.model.reference_modes = frozenset(names)
+        try:
+            yield
+        finally:
+            self.model.reference_modes = before
 
     @classmethod
     def task_stages(cls, hp: Any, task: int) -> TaskStages:

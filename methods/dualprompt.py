@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Hparams, PromptModel, PromptStrategy
+from .base import Hparams, PromptModel, PromptStrategy, ReferenceTest, added_hparam
 from .l2p import check_prompt_init, init_uniform  # one codebase (google-research/l2p)
+from .reference_modes import batch_vote, mix_prefix_halves
 from .registry import register
 from .vit import PromptedViT
 
@@ -43,6 +44,9 @@ class DualPromptHparams(Hparams):
     # G/E prompt and key init: "uniform" = U[-1, 1] (dualprompt-pytorch); "flax" = U[0, 0.01), the
     # official JAX code's `nn.initializers.uniform()` (prefix, prompt pool and keys)
     prompt_init: str = "uniform"
+    # training as dualprompt-pytorch: the E-prefix halves mixed across the training batch by its
+    # reshape (prompt.py:118-122; reference mode `prefix_mixing`); the JAX code does not mix
+    prefix_mixing: bool = added_hparam(False)
 
     def __post_init__(self):
         super().__post_init__()
@@ -65,22 +69,31 @@ class DualPromptModel(PromptModel):
         self.e_prompt = nn.Parameter(
             init_uniform((len(self.e_layers), hp.pool_size, 2, hp.e_length, d), hp.prompt_init))
         self.e_key = nn.Parameter(init_uniform((hp.pool_size, d), hp.prompt_init))
+        self.train_mixing = hp.prefix_mixing  # mix the E-prefix halves in training too
         self.pull: Tensor | None = None  # key pull loss of the last training forward
 
     def select(self, q: Tensor) -> Tensor:
         """E-prompt index per sample (B,): the task id in training, else the top-1 key among the
-        tasks learnt so far (untrained keys of future tasks never compete)."""
+        tasks learnt so far (untrained keys of future tasks never compete); under the reference
+        mode `batch_vote`, the id the batch votes for."""
         if self.training:
             return torch.full((q.shape[0],), self.task_id, dtype=torch.long, device=q.device)
         seen = self.e_key[: self.task_id + 1]
-        return (F.normalize(q, dim=-1) @ F.normalize(seen, dim=-1).t()).argmax(1)
+        idx = (F.normalize(q, dim=-1) @ F.normalize(seen, dim=-1).t()).argmax(1)
+        if self.in_reference_mode("batch_vote"):
+            idx = batch_vote(idx[:, None], self.e_key.shape[0], 1)[:, 0]
+        return idx
 
     def prefixes(self, idx: Tensor) -> dict[int, tuple[Tensor, Tensor]]:
-        """{layer: (pk, pv)}: G shared (L, D); E gathered per sample (B, L, D), no batch mixing."""
+        """{layer: (pk, pv)}: G shared (L, D); E gathered per sample (B, L, D), its key/value
+        halves kept apart unless the reference's mixing is on (mode, or hparam in training)."""
+        mixing = self.in_reference_mode("prefix_mixing") or (self.training and self.train_mixing)
         out = {layer: (self.g_prompt[i, 0], self.g_prompt[i, 1])
                for i, layer in enumerate(self.g_layers)}
         for i, layer in enumerate(self.e_layers):
             e = self.e_prompt[i][idx]  # (B, 2, L, D)
+            if mixing:
+                e = mix_prefix_halves(e)
             out[layer] = (e[:, 0], e[:, 1])
         return out
 
@@ -93,15 +106,25 @@ class DualPromptModel(PromptModel):
         return self.vit(x, prefix=self.prefixes(idx))
 
 
+# the test batch, vote and mixing of the PyTorch configurations (the JAX code behind the paper's
+# numbers votes on CIFAR-100 too, per device of 24, configs/cifar100_dualprompt.py:25,113, but
+# does not mix: models/prompt.py:225-231 keeps (key/value, batch))
+_CIFAR_TEST = ReferenceTest(("batch_vote", "prefix_mixing"), 24,
+                            "dualprompt-pytorch configs/cifar100_dualprompt.py:4,100")
+_IMR_TEST = ReferenceTest(("prefix_mixing",), 24, "dualprompt-pytorch configs/imr_dualprompt.py:4,100")
+
+
 @register("dualprompt")
 class DualPrompt(PromptStrategy):
     """DualPrompt as the suite runs it (mechanism in the module docstring).
 
     Departures from the paper / official code (docs/sources.md#dualprompt):
     - Test-time selection is per sample everywhere. The official CIFAR config votes one E-prompt
-      per test batch (`batchwise_prompt=True`); the suite forbids it. The E-prefix is gathered per
-      sample with its key/value axis kept apart (no JH-LEE-KR reshape bug,
-      docs/sources.md#prefix-reshape-without-a-permute).
+      per test batch (`batchwise_prompt=True`, docs/sources.md#batch-wise-prompt-vote): the
+      reference mode `batch_vote`. The E-prefix is gathered per sample with its key/value axis
+      kept apart; dualprompt-pytorch reshapes it across the batch (prompt.py:118-122,
+      docs/sources.md#prefix-reshape-without-a-permute; the JAX code does not): the reference mode
+      `prefix_mixing`, and in training the hyperparameter `prefix_mixing`. Neither is a default.
     - At test the key match runs over the tasks learnt so far; the code matches all pool keys,
       untrained future ones included (changes intermediate accuracies only, not the final one).
     - Pull loss written as coeff * mean_b (1 - cos(q_b, k_t)); the code subtracts coeff * mean cos
@@ -123,6 +146,20 @@ class DualPrompt(PromptStrategy):
 
     description = "DualPrompt: G-prefix (layers 0-1) + per-task E-prefix pool (2-4), top-1 key at test"
     Hparams = DualPromptHparams
+    REFERENCE_MODES = {
+        "batch_vote": "one E-prompt per test batch, the majority of the per-image top-1 keys "
+                      "(dualprompt-pytorch prompt.py:100-111; JAX models/prompt.py:211-215)",
+        "prefix_mixing": "E-prefix (key/value, batch) reshaped to (batch, key/value) without a "
+                         "permute: image b's slot d from divmod(2b + d, B) (dualprompt-pytorch "
+                         "prompt.py:118-122)",
+    }
+    REFERENCE_TESTS = {
+        "cifar100-10t": _CIFAR_TEST,
+        "imagenet-r-5t": _IMR_TEST, "imagenet-r-10t": _IMR_TEST, "imagenet-r-20t": _IMR_TEST,
+        "cub200-10t": ReferenceTest(("prefix_mixing",), 24, "HiDe-Prompt configs/cub_dualprompt.py:5,123, "
+                                                            "peft/prompt/dp_prompt.py:128-132"),
+        "fmnist-5t": _CIFAR_TEST,  # the embedded default follows the CIFAR-100 configuration
+    }
     passes_train = 2  # the query pass feeds the pull loss
     passes_test = 2
     DEFAULTS = {

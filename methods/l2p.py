@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Hparams, PromptModel, PromptStrategy
+from .base import Hparams, PromptModel, PromptStrategy, ReferenceTest, added_hparam
+from .reference_modes import batch_vote
 from .registry import register
 from .vit import PromptedViT
 
@@ -37,10 +38,17 @@ class L2PHparams(Hparams):
     # prompt and key init: "uniform" = U[-1, 1] (l2p-pytorch); "flax" = U[0, 0.01), the official
     # JAX code's `nn.initializers.uniform()` (its `initializer="uniform"`, `prompt_key_init="uniform"`)
     prompt_init: str = "uniform"
+    # training as the official code: 0 = per-sample selection; n > 0 = every n consecutive images
+    # of a training batch take the prompt set they vote for (reference mode `batch_vote`), n = the
+    # code's per-device batch (16: l2p-pytorch configs/cifar100_l2p.py:4, JAX configs/cifar100_l2p.py:25)
+    batch_vote: int = added_hparam(0)
 
     def __post_init__(self):
         super().__post_init__()
         check_prompt_init(self.prompt_init)
+        if isinstance(self.batch_vote, bool) or self.batch_vote < 0:
+            raise ValueError(f"batch_vote must be 0 (off) or the number of images that vote "
+                             f"together, e.g. 16, got {self.batch_vote!r}")
 
 
 def check_prompt_init(kind: str) -> None:
@@ -58,7 +66,7 @@ class L2PModel(PromptModel):
     """Prompt pool + keys on the frozen ViT; the head reads the mean of the prompt outputs."""
 
     def __init__(self, vit: PromptedViT, num_classes: int, pool_size: int, prompt_length: int,
-                 top_k: int, prompt_init: str = "uniform"):
+                 top_k: int, prompt_init: str = "uniform", train_vote: int = 0):
         super().__init__(vit, num_classes)
         if not 1 <= top_k <= pool_size:
             raise ValueError(f"top_k must be in 1..pool_size={pool_size}, got {top_k}")
@@ -68,12 +76,20 @@ class L2PModel(PromptModel):
         self.prompts = nn.Parameter(init_uniform((pool_size, prompt_length, d), prompt_init))
         self.keys = nn.Parameter(init_uniform((pool_size, d), prompt_init))
         self.top_k = top_k
+        self.train_vote = train_vote  # hparam batch_vote: images per training vote, 0 = none
         self.pull: Tensor | None = None  # key pull loss of the last forward (mean over the batch)
 
     def select(self, q: Tensor) -> tuple[Tensor, Tensor]:
-        """Per sample: indices (B, N) of the top-N keys by cosine to q, and all cosines (B, M)."""
+        """Indices (B, N) of the prompts each image uses and all cosines (B, M): per sample, the
+        top-N keys by cosine to q; under the reference mode `batch_vote` (or in training with
+        `train_vote`) the N ids the batch (or each group of `train_vote` images) votes for."""
         sim = F.normalize(q, dim=-1) @ F.normalize(self.keys, dim=-1).t()
-        return sim.topk(self.top_k, dim=1).indices, sim
+        idx = sim.topk(self.top_k, dim=1).indices
+        if self.in_reference_mode("batch_vote"):
+            idx = batch_vote(idx, self.keys.shape[0], self.top_k)
+        elif self.training and self.train_vote:
+            idx = batch_vote(idx, self.keys.shape[0], self.top_k, group=self.train_vote)
+        return idx, sim
 
     def features(self, x: Tensor) -> Tensor:
         idx, sim = self.select(self.vit.query(x))
@@ -84,6 +100,13 @@ class L2PModel(PromptModel):
         return tokens[:, 1:1 + prompts.shape[1]].mean(1)
 
 
+# the test batch and vote of the configurations behind the L2P numbers (ImageNet-R and CUB are not in
+# the L2P paper: HiDe-Prompt's L2P configurations, whose schedules the suite uses)
+_CIFAR_TEST = ReferenceTest(("batch_vote",), 16, "l2p-pytorch configs/cifar100_l2p.py:4,88 "
+                                                 "(JAX configs/cifar100_l2p.py:25,109)")
+_IMR_TEST = ReferenceTest(("batch_vote",), 24, "HiDe-Prompt configs/imr_l2p.py:4,100")
+
+
 @register("l2p")
 class L2P(PromptStrategy):
     """L2P as the suite runs it (mechanism in the module docstring).
@@ -91,7 +114,10 @@ class L2P(PromptStrategy):
     Departures from the paper / official code (docs/sources.md#l2p):
     - Selection is per sample at train and test. The official code (JAX and l2p-pytorch) uses
       `batchwise_prompt=True`: a majority vote over the batch picks one prompt set for every image,
-      which leaks across the test batch (google-research/l2p#28); the suite forbids it.
+      at training and at test, which leaks across the test batch (google-research/l2p#28,
+      docs/sources.md#batch-wise-prompt-vote). It is
+      the reference mode `batch_vote` (evaluation of a trained model) and the hyperparameter
+      `batch_vote` (training, over groups of the code's per-device batch), never the default.
     - Pull loss written as lambda * mean_b sum_{selected} (1 - cos(q_b, k)); the code subtracts
       lambda * mean_b sum cos. Same gradients, but the loss stays non-negative.
     - lambda = 0.1 (official code, first JAX release and l2p-pytorch); the paper text says 0.5
@@ -113,6 +139,16 @@ class L2P(PromptStrategy):
 
     description = "L2P: input prompt pool, per-sample top-N key-query selection, key pull loss"
     Hparams = L2PHparams
+    REFERENCE_MODES = {
+        "batch_vote": "one prompt set per test batch: every image's top-N ids vote, the N most "
+                      "voted win (l2p-pytorch prompt.py:71-82; JAX models/prompt.py:211-215)",
+    }
+    REFERENCE_TESTS = {
+        "cifar100-10t": _CIFAR_TEST,
+        "imagenet-r-5t": _IMR_TEST, "imagenet-r-10t": _IMR_TEST, "imagenet-r-20t": _IMR_TEST,
+        "cub200-10t": ReferenceTest(("batch_vote",), 24, "HiDe-Prompt configs/cub_l2p.py:5,123"),
+        "fmnist-5t": _CIFAR_TEST,  # the embedded default follows the CIFAR-100 configuration
+    }
     passes_train = 2  # no-grad query pass + prompted pass
     passes_test = 2
     DEFAULTS = {
@@ -127,7 +163,8 @@ class L2P(PromptStrategy):
 
     def build_model(self, vit: PromptedViT, num_classes: int) -> L2PModel:
         hp = self.hp
-        return L2PModel(vit, num_classes, hp.pool_size, hp.prompt_length, hp.top_k, hp.prompt_init)
+        return L2PModel(vit, num_classes, hp.pool_size, hp.prompt_length, hp.top_k, hp.prompt_init,
+                        train_vote=hp.batch_vote)
 
     def aux_loss(self) -> Tensor | None:
         return self.hp.pull_coeff * self.model.pull
