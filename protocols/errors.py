@@ -10,6 +10,7 @@ from benchmarks import DataError, DataNotFoundError
 from methods.backbones import BackboneError
 from methods.registry import HparamError, PluginError, UnknownMethodError
 
+from .download import FetchError
 from .executors import ExecutorError
 from .schema import ProtocolError
 
@@ -18,7 +19,12 @@ class SweepError(ValueError):
     """A sweep request that cannot be planned (seeds, names, missing defaults, ...)."""
 
 
+class NotReadyError(FileNotFoundError):
+    """Data or checkpoints that planned runs need are missing or damaged (`protocols.prepare`); the
+    message names every one of them and the command that fetches them."""
+
+
 USER_ERRORS: tuple[type[BaseException], ...] = (
     DataNotFoundError, DataError, BackboneError, HparamError, PluginError, UnknownMethodError,
-    ProtocolError, SweepError, ExecutorError,
+    ProtocolError, SweepError, ExecutorError, NotReadyError, FetchError,
 )
