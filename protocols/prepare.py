@@ -264,7 +264,7 @@ def _data_state(r: Requirement, cache: DigestCache, verify: bool) -> State:
             if not ok:
                 return State(r, "damaged", d / f, text, "replace the folder: move it away and rerun fetch")
             texts.append(text)
-        return State(r, "ok", d, marker or texts[0])
+        return State(r, "ok", d, texts[0] if texts[0].startswith("verified") else marker or texts[0])
     if r.name == "imagenet_r":
         if r.split == "coda":
             entries, _ = imagenet_r.read_split_folder(imagenet_r.CODA_SPLIT_DIR)
