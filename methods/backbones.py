@@ -185,12 +185,12 @@ def _read_checkpoint(path: Path, how_to_get: str = "") -> dict:
     """The checkpoint's dict, read safely (`weights_only=True` or safetensors); any file that cannot
     be read so is one `BackboneError` naming it."""
     again = f"download it again ({how_to_get})" if how_to_get else "download it again"
+    if path.suffix == ".npz":
+        return read_npz(path, again)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
             sd = load_file(str(path))
-        elif path.suffix == ".npz":
-            return read_npz(path, again)
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
