@@ -61,7 +61,7 @@ class Requirement:
     root: Path  # --data-root or --weights-dir
     looked_for: tuple[Path, ...]  # the paths the suite looks at, in its order, each once
     sources: tuple[Source, ...]  # what fetch downloads; () when there is nothing to fetch
-    needed_by: tuple[str, ...] = ()  # the protocols (data) or backbone users that need it
+    needed_by: tuple[str, ...] = ()  # the protocols as given (data), or "protocol backbone" pairs
     split: str | None = None  # ImageNet-R: "coda" | "stratified" | "file" (what "complete" means)
 
     @property
@@ -95,7 +95,9 @@ class State:
 # ------------------------------------------------------------------ what a sweep needs
 
 
-def _data_requirement(proto: Protocol, data_root: str | os.PathLike | None) -> Requirement:
+def _data_requirement(proto: Protocol, data_root: str | os.PathLike | None, given: str) -> Requirement:
+    """`given`: the protocol as the user named it (a name, or a YAML path), so that the fetch
+    command built from the requirement names it the same way."""
     root = resolve_data_root(data_root)
     reader = {"cifar100": cifar100, "imagenet_r": imagenet_r, "cub200": cub200,
               "fashion_mnist": fashion_mnist}[proto.dataset]
@@ -103,7 +105,7 @@ def _data_requirement(proto: Protocol, data_root: str | os.PathLike | None) -> R
     if proto.dataset == "imagenet_r":
         split = "file" if proto.split_file else proto.split
     return Requirement("data", proto.dataset, root, tuple(dict.fromkeys(reader.candidate_dirs(data_root))),
-                       DATA[proto.dataset], (proto.name,), split)
+                       DATA[proto.dataset], (given,), split)
 
 
 def _weights_requirement(name: str, weights_dir: str | os.PathLike | None,
@@ -139,7 +141,7 @@ def requirements(protocols: Sequence[str], backbones: str | Sequence[str] = "def
     reqs = []
     for p in protocols:
         proto = load_protocol(p)
-        reqs.append(_data_requirement(proto, data_root))
+        reqs.append(_data_requirement(proto, data_root, str(p)))
         if backbones in ("default", "all"):
             reqs += [_weights_requirement(b, weights_dir, (f"{proto.name} {b}",))
                      for b in resolve_backbones(p, backbones)]
@@ -158,7 +160,7 @@ def requirements_for_runs(specs: Iterable, options: RunOptions) -> list[Requirem
     for s in specs:
         proto = protocols.setdefault(s.protocol, load_protocol(s.protocol))
         if not (options.download and proto.dataset == "fashion_mnist"):
-            reqs.append(_data_requirement(proto, options.data_root))
+            reqs.append(_data_requirement(proto, options.data_root, s.protocol))
         hub = options.allow_download and get_spec(s.backbone).timm_name
         if not options.random_init and not hub:
             reqs.append(_weights_requirement(s.backbone, options.weights_dir, (f"{proto.name} {s.backbone}",)))
