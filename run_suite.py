@@ -6,6 +6,8 @@
     python run_suite.py sweep --protocols cifar100-10t --backbones sup21k --methods l2p,smope --seeds 5
     python run_suite.py dry-run --protocols all --backbones all --seeds 5    # how long would it take?
     python run_suite.py list                                # methods, protocols, backbones, ablations
+    python run_suite.py fetch --protocols cifar100-10t --backbones sup21k   # data + weights, verified
+    python run_suite.py check --protocols cifar100-10t --backbones sup21k   # what is there, what is not
     python run_suite.py publish                             # local runs -> leaderboard/records/
     python run_suite.py publish cluster.sqlite              # merge a store made elsewhere
     python run_suite.py report                              # re-render the pages, run nothing
@@ -152,6 +154,12 @@ def options() -> dict[str, tuple[tuple[str, ...], dict]]:
             nargs="?", default=None, metavar="STORE",
             help="the run store to publish, e.g. one made on a cluster (default: --store)")),
         "csv": (("csv",), dict(metavar="FILE.csv", help="the CSV file to write")),
+        "mirror": (("--mirror",), dict(
+            default=None, metavar="URL|FOLDER",
+            help="fetch each file as <mirror>/<file name> instead of from its authors (a cluster's mirror, "
+                 "or a folder holding copies)")),
+        "verify": (("--verify",), dict(action="store_true",
+                                       help="hash every file against its checksum (slow for big files)")),
     }
 
 
@@ -327,6 +335,7 @@ def cmd_sweep(args) -> int:
 
     specs = keyed(plan(sweep_request(args)))
     options = check_sweep(args)  # everything typed is checked before the store is opened (or created)
+    require_inputs([s for s, _ in specs], options)
     published = load_published(records_dir(args))  # read now: a bad file must not wait for the runs
     store = RunStore(args.store)
     todo = [s for s, k in specs if not store.has(k)]
@@ -368,6 +377,13 @@ def check_sweep(args):
     if args.executor == "slurm":
         check_output_dir(args.slurm_folder, "--slurm-folder")
     return replace(options, threads=args.threads or 1)
+
+
+def require_inputs(specs, options) -> None:
+    """Refuse to start while any data set or checkpoint the planned runs read is missing or
+    damaged (NotReadyError naming every one of them and the fetch command)."""
+    from protocols import prepare
+    prepare.require(prepare.requirements_for_runs(specs, options))
 
 
 def executor_for(args, n_todo: int) -> tuple[str, dict]:
@@ -450,9 +466,9 @@ def print_failures(failed: list[dict], logs: str) -> None:
 
 @command("dry-run", "print the runs a sweep would do and their expected wall time on this device (from its "
                     "profile records, else measured now)",
-         WHAT + ("store", "profiles_dir", "device", "eval_batch_size", "threads", "workers", "profile_batch",
-                 "plugin", "quiet"))
-def cmd_dry_run(args) -> None:
+         WHAT + ("store", "profiles_dir", "data_root", "weights_dir", "download", "allow_download", "device",
+                 "eval_batch_size", "threads", "workers", "profile_batch", "plugin", "quiet"))
+def cmd_dry_run(args) -> int:
     from leaderboard.records import load_measurements
     from leaderboard.store import RunStore
     from protocols.devices import device_name, resolve_device
@@ -461,9 +477,16 @@ def cmd_dry_run(args) -> None:
     from protocols.runner import RunOptions
     from protocols.sweep import check_options, keyed, plan
 
+    from protocols import prepare
+
     specs = keyed(plan(sweep_request(args)))
-    check_options(RunOptions(device=args.device, eval_batch_size=args.eval_batch_size, threads=args.threads),
-                  workers=args.workers)
+    options = RunOptions(data_root=args.data_root, weights_dir=args.weights_dir, device=args.device,
+                         eval_batch_size=args.eval_batch_size, threads=args.threads, download=args.download,
+                         allow_download=args.allow_download)
+    check_options(options, workers=args.workers)
+    missing = prepare.check(prepare.requirements_for_runs([s for s, _ in specs], options))
+    if missing:  # said first: the estimate needs no data, but the sweep would refuse to start
+        print(prepare.format_problems(missing) + "\n", flush=True)
     done = RunStore(args.store).has if Path(args.store).is_file() else (lambda key: False)
     todo = [s for s, k in specs if not done(k)]
     workers = args.workers or default_workers(len(todo), args.threads or 1)
@@ -476,6 +499,38 @@ def cmd_dry_run(args) -> None:
     if workers > 1:  # profiled at one thread per run: runs spread over the worker processes
         print(f"with {workers} worker processes of one thread each: about "
               f"{human(total_seconds(est) / workers)} if the cores are free")
+    return 2 if missing else 0
+
+
+# ------------------------------------------------------------------------------------ inputs
+
+INPUTS = ("protocols", "backbones", "data_root", "weights_dir")
+
+
+@command("fetch", "download what the protocols and backbones need and is not there yet (data sets, "
+                  "checkpoints), each verified against its checksum and put in place atomically",
+         INPUTS + ("mirror", "quiet"))
+def cmd_fetch(args) -> None:
+    from protocols import prepare
+
+    reqs = prepare.requirements(split(args.protocols), backbones_option(args), args.data_root, args.weights_dir)
+    written = prepare.fetch(reqs, mirror=args.mirror, progress=not args.quiet)
+    print(f"fetch: {len(written)} file(s) or folder(s) written; every piece is in place")
+
+
+@command("check", "list every data set and checkpoint the protocols and backbones need, with its state "
+                  "(exit 2 if any is missing or damaged)", INPUTS + ("verify",))
+def cmd_check(args) -> int:
+    from protocols import prepare
+
+    reqs = prepare.requirements(split(args.protocols), backbones_option(args), args.data_root, args.weights_dir)
+    states = prepare.inspect(reqs, verify=args.verify)
+    print(prepare.format_report(states))
+    return 0 if all(s.ok for s in states) else 2
+
+
+def backbones_option(args) -> str | list[str]:
+    return args.backbones if args.backbones in ("default", "all") else split(args.backbones)
 
 
 # ------------------------------------------------------------------------------------ results

@@ -1,9 +1,13 @@
-"""What learns: the shared prompted ViT, the backbone registry, the base strategy, the methods."""
-from .base import Hparams, PromptModel, PromptStrategy, added_hparam
+"""What learns: the shared prompted ViT, the backbone registry, the base strategy, the methods.
+
+Everything a method plugin needs is importable from here (docs/writing-a-method.md)."""
+from .alignment import AlignmentConfig, ClassStatistics, align_classifier, collect_features
+from .base import Hparams, PromptModel, PromptStrategy, TaskStages, added_hparam
 from .registry import (HparamError, PluginError, UnknownMethodError, ablation, create, get, has_defaults,
                        load_plugin, names, register, resolve_hparams)
 from .vit import PromptedViT
 
-__all__ = ["HparamError", "Hparams", "added_hparam", "PluginError", "PromptModel", "PromptStrategy", "PromptedViT",
-           "UnknownMethodError", "ablation", "create", "get", "has_defaults", "load_plugin", "names",
-           "register", "resolve_hparams"]
+__all__ = ["AlignmentConfig", "ClassStatistics", "HparamError", "Hparams", "PluginError", "PromptModel",
+           "PromptStrategy", "PromptedViT", "TaskStages", "UnknownMethodError", "ablation", "added_hparam",
+           "align_classifier", "collect_features", "create", "get", "has_defaults", "load_plugin",
+           "names", "register", "resolve_hparams"]

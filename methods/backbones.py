@@ -2,11 +2,14 @@
 
 Like timm's pretrained configs, each name carries everything needed to build it and to feed it.
 Weights are read from files (never fetched at test time): `<weights_dir>/<file>` for the ViT-B/16
-backbones (default `pretrained/`), and the shipped `methods/weights/tiny_fmnist.pt` for `tiny`.
-`allow_download=True` lets the two supervised backbones come from the timm hub instead.
+backbones (default `pretrained/`; `run_suite.py fetch` downloads them under exactly those names), and
+the shipped `methods/weights/tiny_fmnist.pt` for `tiny`. `allow_download=True` lets the two
+supervised backbones come from the timm hub instead (a hub that cannot be reached is a
+`BackboneError` within seconds, not a minute of retries).
 
-Loading is safe and strict: a checkpoint is read only with `torch.load(weights_only=True)` or as
-safetensors, so a file can never run code; one that cannot be read that way (refused, truncated, not
+Loading is safe and strict: a checkpoint is read only with `torch.load(weights_only=True)`, as
+safetensors, or (Google's JAX `.npz`, `sup21k_npz`) with `numpy.load(allow_pickle=False)` through
+timm's own npz loader, so a file can never run code; one that cannot be read that way (refused, truncated, not
 a checkpoint) and one whose keys do not match the architecture raise `BackboneError` naming the file
 and what to do (the missing and unexpected keys for a mismatch), instead of loading half-empty as
 some reference code does. Classifier heads of the source checkpoints (`head.*`) are dropped on purpose: every method
@@ -17,13 +20,17 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import socket
+import urllib.parse
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import timm
+from huggingface_hub import constants as hub_constants
 from timm.models.vision_transformer import VisionTransformer
 
 from .vit import PromptedViT
@@ -92,30 +99,40 @@ VIT_TINY = dict(img_size=28, patch_size=4, in_chans=1, embed_dim=64, depth=6, nu
 BACKBONES: dict[str, BackboneSpec] = {
     "sup21k": BackboneSpec(
         "sup21k", "ViT-B/16 supervised ImageNet-21k (timm augreg_in21k)", VIT_B16,
-        ("vit_base_patch16_224_augreg_in21k.bin", "vit_base_patch16_224.augreg_in21k.safetensors",
+        ("vit_base_patch16_224.augreg_in21k.safetensors", "vit_base_patch16_224_augreg_in21k.bin",
          "vit_base_patch16_224_augreg_in21k.pth"),
         224, 3, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5),
         timm_name="vit_base_patch16_224.augreg_in21k",
-        download_hint="huggingface.co/timm/vit_base_patch16_224.augreg_in21k (pytorch_model.bin)"),
+        download_hint="model.safetensors (or pytorch_model.bin, saved as vit_base_patch16_224_augreg_in21k.bin) "
+                      "from huggingface.co/timm/vit_base_patch16_224.augreg_in21k"),
     "sup1k": BackboneSpec(
         "sup1k", "ViT-B/16 ImageNet-21k then fine-tuned ImageNet-1k (timm augreg2_in21k_ft_in1k)",
         VIT_B16,
-        ("vit_base_patch16_224_augreg2_in21k_ft_in1k.bin",
-         "vit_base_patch16_224.augreg2_in21k_ft_in1k.safetensors",
+        ("vit_base_patch16_224.augreg2_in21k_ft_in1k.safetensors",
+         "vit_base_patch16_224_augreg2_in21k_ft_in1k.bin",
          "vit_base_patch16_224_augreg2_in21k_ft_in1k.pth"),
         224, 3, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5),
         timm_name="vit_base_patch16_224.augreg2_in21k_ft_in1k",
-        download_hint="huggingface.co/timm/vit_base_patch16_224.augreg2_in21k_ft_in1k"),
+        download_hint="model.safetensors (or pytorch_model.bin, saved as "
+                      "vit_base_patch16_224_augreg2_in21k_ft_in1k.bin) from "
+                      "huggingface.co/timm/vit_base_patch16_224.augreg2_in21k_ft_in1k"),
+    "sup21k_npz": BackboneSpec(
+        "sup21k_npz", "ViT-B/16 supervised ImageNet-21k, Google's original ViT-B_16.npz (the "
+        "checkpoint of the L2P, DualPrompt and HiDe-Prompt papers)", VIT_B16,
+        ("ViT-B_16.npz",), 224, 3, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5),
+        download_hint="ViT-B_16.npz from storage.googleapis.com/vit_models/imagenet21k/ (if that no "
+                      "longer serves it, a copy from a colleague: fetch --mirror FOLDER checks it)"),
     "ibot1k": BackboneSpec(
         "ibot1k", "ViT-B/16 iBOT teacher, self-supervised ImageNet-1k", VIT_B16,
         ("ibot_vit_base16.pth", "checkpoint_teacher.pth"), 224, 3, IMAGENET_MEAN, IMAGENET_STD,
         convert=_ssl_keys,
-        download_hint="the iBOT ViT-B/16 teacher checkpoint from github.com/bytedance/ibot"),
+        download_hint="checkpoint_teacher.pth of the iBOT ViT-B/16 (github.com/bytedance/ibot), saved "
+                      "as ibot_vit_base16.pth"),
     "dino1k": BackboneSpec(
         "dino1k", "ViT-B/16 DINO, self-supervised ImageNet-1k", VIT_B16,
         ("dino_vitbase16_pretrain.pth",), 224, 3, IMAGENET_MEAN, IMAGENET_STD,
         convert=_ssl_keys,
-        download_hint="dino_vitbase16_pretrain.pth from github.com/facebookresearch/dino"),
+        download_hint="dino_vitbase16_pretrain.pth (github.com/facebookresearch/dino)"),
     "tiny": BackboneSpec(
         "tiny", "ViT-tiny (28 px, 6x64), pretrained by `python -m protocols.pretrain_tiny` on "
         "Fashion-MNIST training images the default stream never uses", VIT_TINY,
@@ -168,6 +185,8 @@ def _read_checkpoint(path: Path, how_to_get: str = "") -> dict:
     """The checkpoint's dict, read safely (`weights_only=True` or safetensors); any file that cannot
     be read so is one `BackboneError` naming it."""
     again = f"download it again ({how_to_get})" if how_to_get else "download it again"
+    if path.suffix == ".npz":
+        return read_npz(path, again)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -209,13 +228,107 @@ def load_strict(vit: VisionTransformer, sd: dict, source: str) -> None:
 
 
 def find_weights(name: str, weights_dir: str | os.PathLike | None) -> tuple[Path | None, list[Path]]:
+    """The first existing weights file of backbone `name`, and every path looked at, each once:
+    `<weights_dir>/<file>`, then `pretrained/<file>` (the shipped folder first for `tiny`)."""
     spec = get_spec(name)
     roots = [Path(weights_dir)] if weights_dir else []
     roots.append(Path("pretrained"))
     if spec.shipped:
         roots.insert(0, SHIPPED_WEIGHTS)
-    tried = [root / f for root in roots for f in spec.files]
+    tried = list(dict.fromkeys(root / f for root in dict.fromkeys(roots) for f in spec.files))
     return next((p for p in tried if p.is_file()), None), tried
+
+
+#: the JAX names of one encoder block of Google's ViT checkpoints (google-research/vision_transformer)
+_NPZ_BLOCK = [f"LayerNorm_{i}/{p}" for i in (0, 2) for p in ("scale", "bias")] + [
+    f"MultiHeadDotProductAttention_1/{n}/{p}" for n in ("query", "key", "value", "out") for p in ("kernel", "bias")] + [
+    f"MlpBlock_3/Dense_{i}/{p}" for i in (0, 1) for p in ("kernel", "bias")]
+#: what the suite drops on purpose: the classifier and the pre-logits layer (its head input is the
+#: final-LN [CLS], as in google-research/vision_transformer's `load_pretrained` drop-head variant)
+_NPZ_HEADS = ("head/", "pre_logits/")
+
+
+def read_npz(path: str | os.PathLike, again: str = "download it again") -> dict:
+    """A timm state dict from a Google JAX ViT checkpoint (`ViT-B_16.npz`), read strictly.
+
+    The architecture is read off the file's own shapes, every JAX key it must hold is checked
+    (missing and unexpected keys are listed; `head/*` and `pre_logits/*` are dropped), then timm's
+    npz loader (`VisionTransformer.load_pretrained`) converts it, into a model first filled with NaN
+    so that a parameter it skipped cannot pass unnoticed. `load_strict` then matches the result
+    against the backbone's architecture. Nothing is unpickled (`allow_pickle=False`)."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as w:
+            shapes = {k: tuple(w[k].shape) for k in w.files}
+    except Exception as e:  # noqa: BLE001 - whatever numpy raises on a damaged or foreign file
+        raise _unreadable(path, f"{type(e).__name__}: not a numpy .npz archive", again) from None
+    try:
+        patch, _, chans, dim = shapes["embedding/kernel"]
+        heads = shapes["Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel"][1]
+        hidden = shapes["Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel"][1]
+        positions = shapes["Transformer/posembed_input/pos_embedding"][1]
+    except (KeyError, ValueError, IndexError):
+        raise BackboneError(f"checkpoint {path}: not a Google ViT .npz checkpoint (no embedding/kernel, "
+                            f"encoderblock_0 or posembed_input entry of the right rank); {again}") from None
+    depth = sum(1 for k in shapes if k.startswith("Transformer/encoderblock_") and k.endswith("/LayerNorm_0/scale"))
+    grid = int(round((positions - 1) ** 0.5))
+    expected = {"embedding/kernel", "embedding/bias", "cls", "Transformer/posembed_input/pos_embedding",
+                "Transformer/encoder_norm/scale", "Transformer/encoder_norm/bias"}
+    expected |= {f"Transformer/encoderblock_{i}/{k}" for i in range(depth) for k in _NPZ_BLOCK}
+    missing = sorted(expected - set(shapes))
+    unexpected = sorted(k for k in set(shapes) - expected if not k.startswith(_NPZ_HEADS))
+    if missing or unexpected or grid * grid != positions - 1:
+        raise BackboneError(f"checkpoint {path} is not a complete Google ViT checkpoint: missing keys "
+                            f"[{', '.join(missing[:8])}]; unexpected keys [{', '.join(unexpected[:8])}]; "
+                            f"{positions} position embeddings; {again}")
+    vit = VisionTransformer(img_size=grid * patch, patch_size=patch, in_chans=chans, embed_dim=dim,
+                            depth=depth, num_heads=heads, mlp_ratio=hidden / dim, qkv_bias=True,
+                            num_classes=0)
+    with torch.no_grad():
+        for p in vit.parameters():
+            p.fill_(float("nan"))
+    try:
+        vit.load_pretrained(str(path))
+    except Exception as e:  # noqa: BLE001 - a shape that timm cannot place
+        raise BackboneError(f"checkpoint {path}: timm's npz loader refused it ({type(e).__name__}: "
+                            f"{str(e)[:200]}); {again}") from None
+    skipped = [k for k, v in vit.state_dict().items() if torch.isnan(v).any()]
+    if skipped:
+        raise BackboneError(f"checkpoint {path}: timm's npz loader left {', '.join(skipped[:8])} unset; "
+                            f"it is not a ViT checkpoint this suite can use; {again}")
+    return vit.state_dict()
+
+
+def verify_checkpoint(name: str, path: str | os.PathLike) -> None:
+    """Raise `BackboneError` unless `path` loads strictly into backbone `name` (what `fetch`
+    asks of a checkpoint whose publisher states no checksum before it keeps it)."""
+    spec = get_spec(name)
+    vit = build_architecture(name)
+    sd = spec.convert(_read_checkpoint(Path(path), spec.download_hint))
+    odd = sorted(k for k, v in sd.items() if not isinstance(v, torch.Tensor))
+    if odd:
+        raise BackboneError(f"checkpoint {path}: entries {odd[:5]} are not tensors; it is not a "
+                            f"{spec.description} checkpoint")
+    load_strict(vit, sd, str(path))
+
+
+def _hub_model(spec: BackboneSpec) -> VisionTransformer:
+    """timm's hub model for `spec`, or, within seconds, one `BackboneError` saying why not (timm
+    retries an unreachable hub for about a minute, then raises an error that is no user error)."""
+    host = urllib.parse.urlparse(hub_constants.ENDPOINT).hostname or "huggingface.co"
+    fetch = (f"fetch the file on a machine with a network (`python run_suite.py fetch --backbones "
+             f"{spec.name} --weights-dir DIR`) and pass --weights-dir DIR")
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError as e:
+        raise BackboneError(f"--allow-download: cannot reach the timm hub at {host} ({e.strerror or e}); "
+                            f"{fetch}") from None
+    try:
+        return timm.create_model(spec.timm_name, pretrained=True, num_classes=0)
+    except Exception as e:  # noqa: BLE001 - the hub's and timm's many failures are all "no weights"
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise BackboneError(f"--allow-download: timm could not get {spec.timm_name} from the hub "
+                            f"({type(e).__name__}: {first}); {fetch}") from None
 
 
 @lru_cache(maxsize=4)
@@ -241,7 +354,7 @@ def load(name: str, weights_dir: str | None = None, random_init: bool = False,
         load_strict(vit, sd, str(path))
         return Backbone(name, PromptedViT(vit), spec, sha256_file(path), str(path))
     if allow_download and spec.timm_name:
-        hub = timm.create_model(spec.timm_name, pretrained=True, num_classes=0)
+        hub = _hub_model(spec)
         vit = build_architecture(name)
         load_strict(vit, _drop_heads(hub.state_dict()), f"timm hub {spec.timm_name}")
         digest = hashlib.sha256()
@@ -250,8 +363,10 @@ def load(name: str, weights_dir: str | None = None, random_init: bool = False,
             digest.update(v.detach().cpu().contiguous().numpy().tobytes())
         return Backbone(name, PromptedViT(vit), spec, "tensors:" + digest.hexdigest(),
                         f"timm hub {spec.timm_name}")
-    how = f"download {spec.download_hint} into {Path(weights_dir or 'pretrained')}/"
+    folder = Path(weights_dir or "pretrained")
+    how = (f"`python run_suite.py fetch --backbones {name} --weights-dir {folder}` downloads it as "
+           f"{folder / spec.files[0]}; or save {spec.download_hint} under one of those names")
     if spec.timm_name:
-        how += " or pass --allow-download to fetch it from the timm hub"
+        how += "; or pass --allow-download to fetch it from the timm hub"
     raise BackboneError(
-        f"no weights for backbone {name!r}: looked in {', '.join(str(p) for p in tried)}; {how}")
+        f"no weights for backbone {name!r}: looked for {', '.join(str(p) for p in tried)}; {how}")

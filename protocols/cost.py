@@ -56,6 +56,37 @@ def input_example(vit: PromptedViT, device: str | torch.device = "cpu") -> torch
     return torch.randn(1, pe.proj.in_channels, h, w, generator=g).to(device)
 
 
+def count_vit_passes(strategy, x: torch.Tensor, training: bool) -> int:
+    """ViT passes per image of `strategy.cost_forward(x, training)`: every pass through the
+    backbone (the query pass included) embeds the patches once, so a hook on the patch embedding
+    counts them. `x` is one image."""
+    calls = []
+    hook = strategy.model.vit.vit.patch_embed.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        with torch.no_grad():
+            strategy.cost_forward(x, training)
+    finally:
+        hook.remove()
+    return len(calls)
+
+
+def check_passes(method: str, vit: PromptedViT, num_classes: int, hparams: dict | None = None,
+                 device: str | torch.device = "cpu") -> tuple[int, int]:
+    """(train, test) ViT passes per image that `method`'s forward really runs; `ValueError` when
+    they differ from its declared `passes_train` / `passes_test` (which the cost table reports).
+    Runs on a fresh, untrained copy of the method, as the cost table does."""
+    strategy = registry.create(method, vit=vit, num_classes=num_classes, hparams=hparams, device=device)
+    strategy.model.to(device)
+    x = input_example(vit, device)
+    counted = (count_vit_passes(strategy, x, True), count_vit_passes(strategy, x, False))
+    declared = (type(strategy).passes_train, type(strategy).passes_test)
+    if counted != declared:
+        raise ValueError(f"method {method!r} declares passes_train={declared[0]}, passes_test={declared[1]} "
+                         f"but its training / evaluation forward runs the ViT {counted[0]} / {counted[1]} "
+                         "time(s) per image: fix the class attributes (the cost table reports them)")
+    return counted
+
+
 def cost_row(method: str, vit: PromptedViT, num_classes: int, hparams: dict | None = None,
              device: str | torch.device = "cpu") -> dict[str, Any]:
     """`method`'s cost on `vit` (see the module docstring): {"method", *record.COST_FIELDS}."""

@@ -12,6 +12,7 @@ from benchmarks import DataError, DataNotFoundError
 from methods.backbones import BackboneError
 from methods.registry import HparamError, PluginError, UnknownMethodError
 
+from .download import FetchError
 from .record import RecordError
 
 
@@ -28,7 +29,12 @@ class ExecutorError(Exception):
     """The executor asked for cannot run here (its package is missing): the user can fix it."""
 
 
+class NotReadyError(FileNotFoundError):
+    """Data or checkpoints that planned runs need are missing or damaged (`protocols.prepare`); the
+    message names every one of them and the command that fetches them."""
+
+
 USER_ERRORS: tuple[type[BaseException], ...] = (
     DataNotFoundError, DataError, BackboneError, HparamError, PluginError, UnknownMethodError,
-    ProtocolError, SweepError, ExecutorError, RecordError,
+    ProtocolError, SweepError, ExecutorError, RecordError, NotReadyError, FetchError,
 )

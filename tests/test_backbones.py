@@ -1,11 +1,15 @@
 """Backbone registry: strict checkpoint loading, conversion, clear errors, the shipped tiny ViT."""
+import dataclasses
 import json
+import socket
 
 import pytest
 import torch
+from timm.models.vision_transformer import VisionTransformer
 
 from methods import backbones
 from methods.backbones import BackboneError
+from methods.vit import PromptedViT
 
 
 def test_unknown_backbone_names_the_valid_ones():
@@ -65,3 +69,120 @@ def test_shipped_tiny_checkpoint_matches_its_record():
 def test_random_init_backbone_is_marked():
     bb = backbones.load("tiny", random_init=True)
     assert bb.sha256 == "random-init"
+
+
+# ------------------------------------------------------------------ Google's .npz (sup21k_npz)
+
+#: a small ViT in the ViT-B/16 layout (3 channels, class token, qkv bias), for speed
+SMALL = dict(img_size=32, patch_size=8, in_chans=3, embed_dim=48, depth=2, num_heads=4, mlp_ratio=2.0,
+             qkv_bias=True, num_classes=0)
+
+
+def write_google_npz(vit, path, extra_heads=True):
+    """`vit`'s weights in the key layout of Google's JAX checkpoints (google-research/
+    vision_transformer, e.g. imagenet21k/ViT-B_16.npz): HWIO patch kernel, per-head query / key /
+    value / out kernels, LayerNorm_0 / LayerNorm_2, MlpBlock_3, plus the head and pre-logits layers
+    the suite drops. Written by hand from the layout, independently of timm's reader."""
+    import numpy as np
+
+    sd = {k: v.detach().numpy() for k, v in vit.state_dict().items()}
+    d, h = vit.embed_dim, vit.blocks[0].attn.num_heads
+    hd = d // h
+    w = {"embedding/kernel": sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0),
+         "embedding/bias": sd["patch_embed.proj.bias"], "cls": sd["cls_token"],
+         "Transformer/posembed_input/pos_embedding": sd["pos_embed"],
+         "Transformer/encoder_norm/scale": sd["norm.weight"], "Transformer/encoder_norm/bias": sd["norm.bias"]}
+    for i in range(len(vit.blocks)):
+        b, t = f"blocks.{i}.", f"Transformer/encoderblock_{i}/"
+        qkv_w, qkv_b = sd[b + "attn.qkv.weight"], sd[b + "attn.qkv.bias"]
+        for j, n in enumerate(("query", "key", "value")):
+            w[t + f"MultiHeadDotProductAttention_1/{n}/kernel"] = qkv_w[j * d:(j + 1) * d].T.reshape(d, h, hd)
+            w[t + f"MultiHeadDotProductAttention_1/{n}/bias"] = qkv_b[j * d:(j + 1) * d].reshape(h, hd)
+        w[t + "MultiHeadDotProductAttention_1/out/kernel"] = sd[b + "attn.proj.weight"].reshape(d, h, hd).transpose(1, 2, 0)
+        w[t + "MultiHeadDotProductAttention_1/out/bias"] = sd[b + "attn.proj.bias"]
+        for ln, ours in (("LayerNorm_0", "norm1"), ("LayerNorm_2", "norm2")):
+            w[t + f"{ln}/scale"], w[t + f"{ln}/bias"] = sd[b + ours + ".weight"], sd[b + ours + ".bias"]
+        for k, fc in ((0, "fc1"), (1, "fc2")):
+            w[t + f"MlpBlock_3/Dense_{k}/kernel"] = sd[b + f"mlp.{fc}.weight"].T
+            w[t + f"MlpBlock_3/Dense_{k}/bias"] = sd[b + f"mlp.{fc}.bias"]
+    if extra_heads:  # ImageNet-21k checkpoints carry a 21,843-way head and a pre-logits layer
+        w.update({"head/kernel": np.ones((d, 7), np.float32), "head/bias": np.ones(7, np.float32),
+                  "pre_logits/kernel": np.ones((d, d), np.float32), "pre_logits/bias": np.ones(d, np.float32)})
+    np.savez(path, **w)
+    return w
+
+
+@pytest.fixture()
+def npz_backbone(monkeypatch):
+    """`sup21k_npz` with the small architecture (everything else as shipped)."""
+    spec = backbones.get_spec("sup21k_npz")
+    monkeypatch.setitem(backbones.BACKBONES, "sup21k_npz", dataclasses.replace(spec, arch=SMALL, image_size=32))
+    return spec
+
+
+def test_the_npz_backbone_is_vit_b16_from_google_s_file():
+    spec = backbones.get_spec("sup21k_npz")
+    assert spec.files == ("ViT-B_16.npz",) and spec.arch == backbones.VIT_B16
+    assert "L2P, DualPrompt and HiDe-Prompt" in spec.description
+
+
+def test_a_google_npz_loads_strictly_and_gives_the_features_of_the_same_timm_weights(tmp_path, npz_backbone):
+    torch.manual_seed(0)
+    reference = VisionTransformer(**SMALL).eval()
+    write_google_npz(reference, tmp_path / "ViT-B_16.npz")
+    bb = backbones.load.__wrapped__("sup21k_npz", str(tmp_path))
+    assert bb.source == str(tmp_path / "ViT-B_16.npz") and bb.sha256 == backbones.sha256_file(tmp_path / "ViT-B_16.npz")
+    for k, v in reference.state_dict().items():  # every tensor, exactly (the head layers are dropped)
+        assert torch.equal(bb.vit.vit.state_dict()[k], v), k
+    timm_loaded = VisionTransformer(**SMALL)
+    backbones.load_strict(timm_loaded, reference.state_dict(), "state dict")
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(bb.vit(x), PromptedViT(timm_loaded)(x), atol=1e-6)
+        assert torch.allclose(bb.vit.forward_features(x), timm_loaded.forward_features(x), atol=1e-6)
+
+
+def test_an_incomplete_or_foreign_npz_is_refused_naming_the_keys(tmp_path, npz_backbone):
+    import numpy as np
+
+    w = write_google_npz(VisionTransformer(**SMALL), tmp_path / "full.npz", extra_heads=False)
+    w.pop("Transformer/encoderblock_1/MlpBlock_3/Dense_1/bias")
+    w["Transformer/encoderblock_1/Extra/kernel"] = np.zeros(3, np.float32)
+    np.savez(tmp_path / "ViT-B_16.npz", **w)
+    with pytest.raises(BackboneError, match=r"missing keys \[Transformer/encoderblock_1/MlpBlock_3/Dense_1/bias\]"
+                                            r".*unexpected keys \[Transformer/encoderblock_1/Extra/kernel\]"):
+        backbones.load.__wrapped__("sup21k_npz", str(tmp_path))
+    # a checkpoint of another size: the architecture check names the shapes
+    other = VisionTransformer(**dict(SMALL, embed_dim=32))
+    write_google_npz(other, tmp_path / "ViT-B_16.npz")
+    with pytest.raises(BackboneError, match="shape mismatches"):
+        backbones.load.__wrapped__("sup21k_npz", str(tmp_path))
+    (tmp_path / "ViT-B_16.npz").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(BackboneError, match="cannot be read"):
+        backbones.load.__wrapped__("sup21k_npz", str(tmp_path))
+
+
+# ------------------------------------------------------------------ hints and the hub
+
+
+def test_the_weights_hint_names_each_path_looked_for_once_and_the_fetch_command(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(BackboneError) as e:
+        backbones.load.__wrapped__("sup21k", "pretrained")
+    msg = str(e.value)
+    looked = msg.split("looked for ", 1)[1].split(";", 1)[0].split(", ")
+    assert looked == [f"pretrained/{f}" for f in backbones.get_spec("sup21k").files]
+    assert "run_suite.py fetch --backbones sup21k --weights-dir pretrained" in msg
+    assert "downloads it as pretrained/vit_base_patch16_224.augreg_in21k.safetensors" in msg
+    # the file names the hint tells a user to save are names the suite looks for
+    assert "saved as vit_base_patch16_224_augreg_in21k.bin" in msg and "vit_base_patch16_224_augreg_in21k.bin" in looked[1]
+
+
+def test_allow_download_without_a_reachable_hub_is_a_fast_user_error(monkeypatch, tmp_path):
+    def unreachable(*a, **k):
+        raise socket.gaierror(-2, "Name or service not known")
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    monkeypatch.setattr(backbones.timm, "create_model", lambda *a, **k: pytest.fail("timm asked the hub"))
+    with pytest.raises(BackboneError, match=r"cannot reach the timm hub at .*Name or service not known.*"
+                                            r"run_suite.py fetch --backbones sup1k"):
+        backbones.load.__wrapped__("sup1k", str(tmp_path), allow_download=True)

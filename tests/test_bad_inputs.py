@@ -329,7 +329,7 @@ def _(env):
 def _(env):
     empty = env.tmp / "nodata"
     empty.mkdir()
-    return Bad(["--data-root", str(empty)], str(empty), also=["--download"])
+    return Bad(["--data-root", str(empty)], str(empty), also=["run_suite.py fetch"])
 
 
 @case("data-root is a file")

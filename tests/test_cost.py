@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from methods import backbones, registry
-from protocols.cost import cost_row, count_flops, input_example
+from protocols.cost import check_passes, cost_row, count_flops, input_example
 from helpers import hparams
 
 torch.set_num_threads(1)
@@ -67,3 +67,17 @@ def test_attention_backward_flops_are_counted_on_cpu():
     step = count_flops(lambda: sdpa(q, k, v).sum().backward())
     assert fwd == sdpa_flop_count(shape, shape, shape) > 0
     assert step == fwd + sdpa_backward_flop_count(shape, shape, shape, shape)
+
+
+@pytest.mark.parametrize("method", registry.names())
+def test_every_method_declares_the_passes_its_forward_runs(method, tiny):
+    """passes_train / passes_test are typed by hand; this counts the ViT passes of the forward."""
+    cls = registry.get(method)
+    assert check_passes(method, tiny, 10, hparams(method, "fmnist-5t")) == \
+        (cls.passes_train, cls.passes_test)
+
+
+def test_a_wrong_pass_declaration_is_caught(tiny, monkeypatch):
+    monkeypatch.setattr(registry.get("l2p"), "passes_test", 1)  # it runs the query pass too
+    with pytest.raises(ValueError, match="declares passes_train=2, passes_test=1 .* runs the ViT 2 / 2"):
+        check_passes("l2p", tiny, 10, hparams("l2p", "fmnist-5t"))

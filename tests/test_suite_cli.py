@@ -89,7 +89,10 @@ def test_clear_errors(env, capsys):
     assert "shipped protocols" in capsys.readouterr().err
     assert run_suite.main(args + ["--backbones", "sup21k", "--weights-dir", str(tmp / "w"),
                                   "--methods", "head_only", "--seeds", "1"]) == 2
-    assert "no weights for backbone 'sup21k'" in capsys.readouterr().err
+    err = capsys.readouterr().err  # the check before anything runs: the piece, where, how to get it
+    assert "weights sup21k" in err and "missing" in err and str(tmp / "w") in err
+    assert "python run_suite.py fetch --backbones sup21k" in err
+    assert not (tmp / "runs.sqlite").exists() or "sup21k" not in (tmp / "runs.sqlite").read_bytes().decode("latin1")
 
 
 def test_list_and_export(env, capsys):
@@ -184,7 +187,7 @@ def test_each_command_has_its_own_options_and_defaults():
 
 @pytest.mark.parametrize("argv, says", [
     (["report", "--seeds", "3"], "report does not take --seeds (sweep, dry-run take it"),
-    (["export", "runs.csv", "--data-root", "data"], "export does not take --data-root (sweep takes it"),
+    (["export", "runs.csv", "--data-root", "data"], "export does not take --data-root (sweep, dry-run, fetch, check take it"),
     (["list", "--quiet"], "list does not take --quiet"),
     (["publish", "--workers", "2"], "publish does not take --workers"),
     (["--smoke", "--protocols", "cifar100-10t"], "--smoke is a command now: python run_suite.py smoke"),
@@ -218,3 +221,20 @@ def test_a_command_is_one_function(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         run_suite.main(["echo", "--seeds", "2"])
     assert "echo does not take --seeds" in capsys.readouterr().err
+
+
+def test_a_sweep_on_three_real_protocols_with_nothing_present_names_every_piece(tmp_path, capsys):
+    """Nothing there: one message names every missing data set and checkpoint (and the command that
+    fetches them), the sweep refuses to start, and no store is created. (The dry run prints the same
+    message before its estimate, which on this CPU would profile ViT-B/16 first: not run here.)"""
+    store = tmp_path / "runs.sqlite"
+    common = ["--protocols", "cifar100-10t,imagenet-r-10t,cub200-10t", "--backbones", "sup21k",
+              "--data-root", str(tmp_path / "data"), "--weights-dir", str(tmp_path / "w"),
+              "--store", str(store), "--seeds", "1"]
+    for argv in (["sweep", *common, "--no-render"],):
+        assert run_suite.main(argv) == 2
+        text = capsys.readouterr().err
+        assert text.count("\n") == 1 and text.startswith("error: ")
+        for piece in ("CIFAR-100", "ImageNet-R", "CUB-200-2011", "weights sup21k", "run_suite.py fetch"):
+            assert piece in text, piece
+        assert not store.exists()
