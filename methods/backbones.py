@@ -192,8 +192,8 @@ def _read_checkpoint(path: Path, how_to_get: str = "") -> dict:
     return sd
 
 
-def load_strict(vit: VisionTransformer, sd: dict, source: str) -> None:
-    """Load `sd` into `vit`, failing loudly on any missing or unexpected key or shape."""
+def check_keys(vit: VisionTransformer, sd: dict, source: str) -> None:
+    """Fail loudly unless `sd` has exactly `vit`'s keys and shapes (`vit` may be on `meta`)."""
     own = vit.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
@@ -205,6 +205,11 @@ def load_strict(vit: VisionTransformer, sd: dict, source: str) -> None:
             f"checkpoint {source} does not match the architecture: "
             f"missing keys [{show(missing)}]; unexpected keys [{show(unexpected)}]; "
             f"shape mismatches [{show(wrong)}]")
+
+
+def load_strict(vit: VisionTransformer, sd: dict, source: str) -> None:
+    """Load `sd` into `vit`, failing loudly on any missing or unexpected key or shape."""
+    check_keys(vit, sd, source)
     vit.load_state_dict(sd, strict=True)
 
 
@@ -218,40 +223,107 @@ def find_weights(name: str, weights_dir: str | os.PathLike | None) -> tuple[Path
     return next((p for p in tried if p.is_file()), None), tried
 
 
-@lru_cache(maxsize=4)
-def load(name: str, weights_dir: str | None = None, random_init: bool = False,
+def load(name: str, weights_dir: str | os.PathLike | None = None, random_init: bool = False,
          allow_download: bool = False) -> Backbone:
-    """Build backbone `name`, frozen, with its weights (cached per process: it is never mutated).
+    """Build backbone `name`, frozen, with its weights: a fresh module at every call, so a caller
+    may move, freeze or hook it without touching anyone else's copy. The weights are read (or
+    drawn) once per process and copied into each new module.
 
-    `random_init=True` skips the weights (cost measurement, tests): sha256 is "random-init".
+    `random_init=True` skips the checkpoint (cost measurement, tests, smoke runs): the weights
+    follow timm's ViT initialisation, drawn from a generator seeded by the backbone's name, so they
+    are the same in every process and loading never touches the global RNG; sha256 is
+    "random-init".
     """
     spec = get_spec(name)
+    sd, sha256, source = _weights(name, None if weights_dir is None else str(weights_dir),
+                                  bool(random_init), bool(allow_download))
+    vit = skeleton(name).to_empty(device="cpu")
+    vit.load_state_dict(sd, strict=True)
+    return Backbone(name, PromptedViT(vit), spec, sha256, source)
+
+
+def skeleton(name: str) -> VisionTransformer:
+    """The backbone's architecture on the `meta` device: every shape, no memory, no weights, no
+    random draw (what counting parameters or building a module to load into needs)."""
+    with torch.device("meta"):
+        return VisionTransformer(**get_spec(name).arch, weight_init="skip")
+
+
+@lru_cache(maxsize=4)
+def _weights(name: str, weights_dir: str | None, random_init: bool,
+             allow_download: bool) -> tuple[dict[str, torch.Tensor], str, str]:
+    """(state dict matching `skeleton(name)`, checkpoint sha256, source) of `load`; cached, and
+    never handed out: `load` copies it into a new module."""
+    spec = get_spec(name)
     if random_init:
-        torch.manual_seed(0)
-        vit = build_architecture(name)
-        return Backbone(name, PromptedViT(vit), spec, "random-init", "random-init")
+        return random_weights(name), "random-init", "random-init"
     path, tried = find_weights(name, weights_dir)
     if path is not None:
-        vit = build_architecture(name)
         sd = spec.convert(_read_checkpoint(path, spec.download_hint))
         odd = sorted(k for k, v in sd.items() if not isinstance(v, torch.Tensor))
         if odd:
             raise BackboneError(f"checkpoint {path}: entries {odd[:5]} are not tensors; it is not a "
                                 f"{spec.description} checkpoint: {spec.download_hint}")
-        load_strict(vit, sd, str(path))
-        return Backbone(name, PromptedViT(vit), spec, sha256_file(path), str(path))
+        check_keys(skeleton(name), sd, str(path))
+        return sd, sha256_file(path), str(path)
     if allow_download and spec.timm_name:
         hub = timm.create_model(spec.timm_name, pretrained=True, num_classes=0)
-        vit = build_architecture(name)
-        load_strict(vit, _drop_heads(hub.state_dict()), f"timm hub {spec.timm_name}")
+        source = f"timm hub {spec.timm_name}"
+        sd = _drop_heads(hub.state_dict())
+        check_keys(skeleton(name), sd, source)
         digest = hashlib.sha256()
-        for k, v in sorted(vit.state_dict().items()):
+        for k, v in sorted(sd.items()):
             digest.update(k.encode())
             digest.update(v.detach().cpu().contiguous().numpy().tobytes())
-        return Backbone(name, PromptedViT(vit), spec, "tensors:" + digest.hexdigest(),
-                        f"timm hub {spec.timm_name}")
+        return sd, "tensors:" + digest.hexdigest(), source
     how = f"download {spec.download_hint} into {Path(weights_dir or 'pretrained')}/"
     if spec.timm_name:
         how += " or pass --allow-download to fetch it from the timm hub"
     raise BackboneError(
         f"no weights for backbone {name!r}: looked in {', '.join(str(p) for p in tried)}; {how}")
+
+
+def _name_seed(name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"promptcl-random-init:{name}".encode()).digest()[:8], "little")
+
+
+def random_weights(name: str) -> dict[str, torch.Tensor]:
+    """Random weights for backbone `name`, distributed as timm's ViT initialisation (its default
+    mode: Linear weights and `pos_embed` truncated normal, std .02, within +-2; Linear biases 0;
+    `cls_token` normal, std 1e-6; LayerNorm 1 and 0; the patch-embedding convolution as PyTorch
+    initialises a Conv2d), drawn from a `torch.Generator` seeded by the name.
+
+    Written out because timm's initialisers draw from the global RNG and take no generator:
+    building through them would consume (or need to reseed) the caller's random stream."""
+    g = torch.Generator().manual_seed(_name_seed(name))
+    vit = skeleton(name).to_empty(device="cpu")
+    init = torch.nn.init
+    with torch.no_grad():
+        for module_name, module in vit.named_modules():
+            own = list(module.named_parameters(recurse=False))
+            if not own:
+                continue
+            if isinstance(module, torch.nn.Linear):
+                init.trunc_normal_(module.weight, std=0.02, a=-2.0, b=2.0, generator=g)
+                if module.bias is not None:
+                    init.zeros_(module.bias)
+            elif isinstance(module, torch.nn.LayerNorm):
+                init.ones_(module.weight)
+                init.zeros_(module.bias)
+            elif isinstance(module, torch.nn.Conv2d):
+                init.kaiming_uniform_(module.weight, a=5 ** 0.5, generator=g)
+                if module.bias is not None:
+                    fan_in = module.weight[0].numel()
+                    init.uniform_(module.bias, -fan_in ** -0.5, fan_in ** -0.5, generator=g)
+            elif module is vit:
+                for pname, p in own:
+                    if pname == "pos_embed":
+                        init.trunc_normal_(p, std=0.02, a=-2.0, b=2.0, generator=g)
+                    elif pname == "cls_token":
+                        init.normal_(p, std=1e-6, generator=g)
+                    else:
+                        raise BackboneError(f"random_weights({name!r}): no initialiser for {pname}")
+            else:
+                raise BackboneError(f"random_weights({name!r}): no initialiser for module "
+                                    f"{module_name} ({type(module).__name__})")
+    return vit.state_dict()
