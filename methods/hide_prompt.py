@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .alignment import AlignmentConfig, ClassStatistics, align_classifier, collect_features
+from .alignment import AlignmentConfig, AlignmentStage, collect_features
 from .base import Hparams, PromptModel, PromptStrategy, TaskStages
 from .registry import register
 from .vit import PromptedViT
@@ -189,8 +189,17 @@ class HiDePrompt(PromptStrategy):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         hp = self.hp
-        self.tii_stats = ClassStatistics("diag", n_centroids=hp.n_centroids, eps=1e-4)
-        self.stats = ClassStatistics("diag", n_centroids=hp.n_centroids, eps=1e-4)
+        # stage 1's re-fit of the TII model and TAP's re-fit of the main head (SGD, cosine)
+        self.tii_alignment = AlignmentStage(
+            AlignmentConfig(epochs=hp.tii_align_epochs, samples_per_class=hp.tii_align_samples_per_class,
+                            batch_size=hp.tii_align_batch_size, lr=hp.tii_align_lr, optimizer="sgd",
+                            momentum=0.9, weight_decay=0.0, schedule="cosine"),
+            n_centroids=hp.n_centroids)
+        self.tap = AlignmentStage(
+            AlignmentConfig(epochs=hp.tap_epochs, samples_per_class=hp.tap_samples_per_class,
+                            batch_size=hp.tap_batch_size, lr=hp.tap_lr, optimizer="sgd", momentum=0.9,
+                            weight_decay=0.0, schedule="cosine"),
+            n_centroids=hp.n_centroids)
 
     @classmethod
     def stream_hparams(cls, num_tasks: int, classes_per_task: list[int]) -> dict:
@@ -231,9 +240,6 @@ class HiDePrompt(PromptStrategy):
     def _old_classes(self) -> list[int]:
         return [c for c in self.seen_classes if c not in self.current_classes]
 
-    def _generator(self) -> torch.Generator:
-        return torch.Generator().manual_seed(int(torch.randint(2 ** 31 - 1, (1,))))
-
     def _train_tii(self) -> None:
         """Stage 1 for the current task: CE on its classes, statistics, re-fit on seen classes."""
         hp, m = self.hp, self.model
@@ -262,16 +268,8 @@ class HiDePrompt(PromptStrategy):
                 opt.step()
         feats, labels = cached if hp.tii_cache_features else collect_features(
             m.vit.query, self.loader(data))
-        self.tii_stats.update(feats, labels)
-        old = self._old_classes()
-        if old:
-            cfg = AlignmentConfig(epochs=hp.tii_align_epochs,
-                                  samples_per_class=hp.tii_align_samples_per_class,
-                                  batch_size=hp.tii_align_batch_size, iters_per_epoch=len(old),
-                                  lr=hp.tii_align_lr, optimizer="sgd", momentum=0.9,
-                                  weight_decay=0.0, schedule="cosine")
-            align_classifier(tii, self.tii_stats, self.seen_classes, cfg,
-                             generator=self._generator(), device=self.device)
+        self.tii_alignment.after_task(tii, feats, labels, self.seen_classes, self.current_classes,
+                                      device=self.device)
         tii.eval()
 
     def aux_loss(self) -> Tensor | None:
@@ -281,27 +279,20 @@ class HiDePrompt(PromptStrategy):
             return None
         old = self._old_classes()
         if old:
-            f = torch.cat([self.stats.means(old).to(f.device, f.dtype), f])
+            f = torch.cat([self.tap.stats.means(old).to(f.device, f.dtype), f])
         sim = f @ f.T / self.hp.contrast_tau
         return self.hp.reg * F.cross_entropy(sim, torch.arange(f.shape[0], device=f.device))
 
     def task_end(self) -> None:
         """Fix P_t to its blend, instructed statistics, then (t > 0) TAP: re-fit the main head."""
-        t, m, hp = self.task_id, self.model, self.hp
+        t, m = self.task_id, self.model
         with torch.no_grad():
             m.prompts[t].copy_(m.training_prompt(t))
         prompt = m.prompts[t].detach()
         feats, labels = collect_features(lambda x: m.prompted(x, prompt),
                                          self.loader(self.experience.dataset))
-        self.stats.update(feats, labels)
-        old = self._old_classes()
-        if old:
-            cfg = AlignmentConfig(epochs=hp.tap_epochs, samples_per_class=hp.tap_samples_per_class,
-                                  batch_size=hp.tap_batch_size, iters_per_epoch=len(old),
-                                  lr=hp.tap_lr, optimizer="sgd", momentum=0.9, weight_decay=0.0,
-                                  schedule="cosine")
-            align_classifier(m.head, self.stats, self.seen_classes, cfg,
-                             generator=self._generator(), device=self.device)
+        self.tap.after_task(m.head, feats, labels, self.seen_classes, self.current_classes,
+                            device=self.device)
 
     def cost_forward(self, x: Tensor, training: bool) -> Tensor:
         """One image as in training (frozen pass for stage 1 + prompted pass with the task's

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .alignment import AlignmentConfig, ClassStatistics, align_classifier, collect_features
+from .alignment import AlignmentConfig, AlignmentStage, collect_features
 from .base import Hparams, PromptModel, PromptStrategy, TaskStages
 from .registry import register
 from .vit import PromptedViT
@@ -362,10 +362,15 @@ class SMoPE(PromptStrategy):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        # Seeded from the run's torch seed, so the alignment samples are reproducible.
+        # Seeded from the run's torch seed, so the alignment samples are reproducible; per epoch
+        # batch * ratio samples per class, also the minibatch
         self.seed = torch.initial_seed() % (2 ** 31)
-        self.stats = ClassStatistics(covariance="diag", n_centroids=1, eps=1e-4, seed=self.seed)
-        self.generator = torch.Generator().manual_seed(self.seed)
+        hp, n = self.hp, self.hp.batch_size * self.hp.ca_batch_ratio
+        self.alignment = AlignmentStage(
+            AlignmentConfig(epochs=hp.ca_epochs, samples_per_class=n, batch_size=n, lr=hp.ca_lr,
+                            optimizer="adamw", weight_decay=hp.ca_weight_decay, schedule="cosine",
+                            min_lr=hp.ca_min_lr),
+            seed=self.seed, generator=torch.Generator().manual_seed(self.seed))
 
     def build_model(self, vit: PromptedViT, num_classes: int) -> SMoPEModel:
         return SMoPEModel(vit, num_classes, self.hp)
@@ -446,15 +451,6 @@ class SMoPE(PromptStrategy):
         """Statistics of the current classes (prompted final-LN [CLS] of training images, one
         diagonal Gaussian per class, as the code), then for tasks >= 1 the head re-fit on samples
         of every seen class: per epoch batch * ratio samples per class and #old-classes steps."""
-        self.stats.update(features, labels)
-        if self.task_id < 1:
-            return
-        n = self.hp.batch_size * self.hp.ca_batch_ratio
-        old = len(self.seen_classes) - len(self.current_classes)
-        cfg = AlignmentConfig(epochs=self.hp.ca_epochs, samples_per_class=n, batch_size=n,
-                              iters_per_epoch=max(old, 1), lr=self.hp.ca_lr, optimizer="adamw",
-                              weight_decay=self.hp.ca_weight_decay, schedule="cosine",
-                              min_lr=self.hp.ca_min_lr)
-        align_classifier(self.model.head, self.stats, list(self.seen_classes), cfg,
-                         generator=self.generator, device=self.device)
+        self.alignment.after_task(self.model.head, features, labels, self.seen_classes,
+                                  self.current_classes, device=self.device)
         self.model.eval()

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from dataclasses import dataclass, field
 from torch import Tensor, nn
 
-from .alignment import AlignmentConfig, ClassStatistics, align_classifier, collect_features
+from .alignment import AlignmentConfig, AlignmentStage, collect_features
 from .base import Hparams, PromptModel, PromptStrategy, TaskStages
 from .registry import register
 from .vit import PromptedViT
@@ -145,7 +145,11 @@ class VQPrompt(PromptStrategy):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.stats = ClassStatistics("diag", n_centroids=1, eps=1e-4)
+        hp = self.hp
+        self.alignment = AlignmentStage(AlignmentConfig(
+            epochs=hp.align_epochs, samples_per_class=hp.align_samples_per_class,
+            batch_size=hp.align_samples_per_class, lr=hp.align_lr, optimizer="adamw",
+            weight_decay=hp.align_weight_decay, schedule="cosine", min_lr=hp.align_min_lr))
 
     def build_model(self, vit: PromptedViT, num_classes: int) -> VQPromptModel:
         return VQPromptModel(vit, num_classes, self.hp)
@@ -162,15 +166,5 @@ class VQPrompt(PromptStrategy):
         """Statistics of the new classes' prompted features, then (t > 0) the head re-fit."""
         batches = self.loader(self.experience.dataset, train_transform=self.hp.stats_train_transform)
         feats, labels = collect_features(self.model.features, batches)
-        self.stats.update(feats, labels)
-        old = [c for c in self.seen_classes if c not in self.current_classes]
-        if not old:
-            return
-        hp = self.hp
-        cfg = AlignmentConfig(epochs=hp.align_epochs, samples_per_class=hp.align_samples_per_class,
-                              batch_size=hp.align_samples_per_class, iters_per_epoch=len(old),
-                              lr=hp.align_lr, optimizer="adamw", weight_decay=hp.align_weight_decay,
-                              schedule="cosine", min_lr=hp.align_min_lr)
-        gen = torch.Generator().manual_seed(int(torch.randint(2 ** 31 - 1, (1,))))
-        align_classifier(self.model.head, self.stats, self.seen_classes, cfg, generator=gen,
-                         device=self.device)
+        self.alignment.after_task(self.model.head, feats, labels, self.seen_classes,
+                                  self.current_classes, device=self.device)

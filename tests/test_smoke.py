@@ -11,7 +11,7 @@ import torch
 from benchmarks import build_stream
 from benchmarks.synthetic import write_fashion_mnist
 from leaderboard.store import RunStore
-from methods import hide_prompt, registry, smope, vq_prompt
+from methods import alignment, hide_prompt, registry, smope
 from methods.alignment import ClassStatistics
 from methods.base import PromptStrategy
 from protocols import smoke
@@ -54,9 +54,7 @@ def dry_run(tmp_path_factory):
         mp.setattr(PromptStrategy, "_after_training_exp", after_task)
         mp.setattr(smope.SMoPEModel, "features", dense_forward)
         mp.setattr(ClassStatistics, "update", counting(ClassStatistics, "update", "statistics")[1])
-        for module in (hide_prompt, smope, vq_prompt):
-            mp.setattr(module, "align_classifier",
-                       counting(module, "align_classifier", "alignment")[1])
+        mp.setattr(alignment, "align_classifier", counting(alignment, "align_classifier", "alignment")[1])
         mp.setattr(hide_prompt.HiDePrompt, "_train_tii",
                    counting(hide_prompt.HiDePrompt, "_train_tii", "tii")[1])
         store = RunStore(tmp / "smoke.sqlite")

@@ -282,7 +282,7 @@ def test_schedule_counts_flags_alignment_and_batch_size_invariant_evaluation():
     mean = counts0.sum(-1, keepdim=True) / (counts0 > 0).sum(-1, keepdim=True)
     assert torch.equal(m.frequent, counts0 >= mean)
     assert (m.counts.sum(-1) == 64 * K).all()
-    assert sorted(s.stats.classes()) == [0, 1, 2, 3]
+    assert sorted(s.alignment.stats.classes()) == [0, 1, 2, 3]
     assert not torch.equal(m.head.weight[:2], head0[:2])  # alignment re-fit old-class rows too
 
     accs = []

@@ -79,9 +79,9 @@ def test_training_two_tasks_alignment_and_batch_size_invariance(vit):
     s.train(bm.train_stream[0])
     head_before = s.model.head.weight.detach().clone()
     keys_before = s.model.keys.detach().clone()
-    assert s.stats.classes() == [0, 1]
+    assert s.alignment.stats.classes() == [0, 1]
     s.train(bm.train_stream[1])
-    assert s.stats.classes() == [0, 1, 2, 3]
+    assert s.alignment.stats.classes() == [0, 1, 2, 3]
     assert not torch.equal(s.model.keys, keys_before)  # the shared pool keeps learning
     assert not torch.equal(s.model.head.weight[:2], head_before[:2])  # old rows re-fitted
     res = {}
