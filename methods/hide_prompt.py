@@ -50,14 +50,14 @@ pass, so 2 passes per training image (the poster counts 1, as if stage 1 were fr
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .alignment import AlignmentConfig, AlignmentStage, collect_features
-from .base import Hparams, PromptModel, PromptStrategy, TaskStages
+from .base import Hparams, PromptModel, PromptStrategy, TaskStages, hparam
 from .registry import register
 from .vit import PromptedViT
 
@@ -72,32 +72,32 @@ class HiDeHparams(Hparams):
     weight_decay: float = 0.0
     schedule: str = "cosine"
     clip_grad: float = 1.0
-    pool_size: int = 10  # one E-prompt per task: must be >= the number of tasks
-    prompt_length: int = 5  # L key + L value tokens per layer
-    prompt_layers: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
-    head_lr_mult: float = 0.1  # --larger_prompt_lr: the head at 0.1x the prompt lr
-    reg: float = 0.1  # weight of the contrastive term
-    contrast_tau: float = 0.8
-    prompt_momentum: float = 0.01
-    n_centroids: int = 10  # k-means centroids per class, both statistics
-    tap_epochs: int = 30
-    tap_samples_per_class: int = 1200  # 120 per centroid; also the batch (per centroid x 1)
-    tap_batch_size: int = 120
-    tap_lr: float = 0.005
+    pool_size: int = hparam(10, ge=1)  # one E-prompt per task: must be >= the number of tasks
+    prompt_length: int = hparam(5, ge=1)  # L key + L value tokens per layer
+    prompt_layers: list[int] = hparam(default_factory=lambda: [0, 1, 2, 3, 4], ge=0)
+    head_lr_mult: float = hparam(0.1, ge=0)  # --larger_prompt_lr: the head at 0.1x the prompt lr
+    reg: float = hparam(0.1, ge=0)  # weight of the contrastive term
+    contrast_tau: float = hparam(0.8, gt=0)
+    prompt_momentum: float = hparam(0.01, ge=0, le=1)
+    n_centroids: int = hparam(10, ge=1)  # k-means centroids per class, both statistics
+    tap_epochs: int = hparam(30, ge=0)
+    tap_samples_per_class: int = hparam(1200, ge=1)  # 120 per centroid; also the batch (per centroid x 1)
+    tap_batch_size: int = hparam(120, ge=1)
+    tap_lr: float = hparam(0.005, gt=0)
     # stage 1 (TII)
-    tii_epochs: int = 20
-    tii_batch_size: int = 192
-    tii_lr: float = 4.6875e-5  # 0.0005 x 24/256
-    tii_clip_grad: float = 1.0
-    tii_hidden_mult: int = 2  # MLP D -> 2D -> D
+    tii_epochs: int = hparam(20, ge=0)
+    tii_batch_size: int = hparam(192, ge=1)
+    tii_lr: float = hparam(4.6875e-5, gt=0)  # 0.0005 x 24/256
+    tii_clip_grad: float = hparam(1.0, ge=0)
+    tii_hidden_mult: int = hparam(2, ge=1)  # MLP D -> 2D -> D
     # True: one frozen pass per task (train transform) reused by every stage-1 epoch and the
     # stage-1 statistics; the same numbers as the code's pass per epoch + eval-transform pass
     # when both transforms are the same deterministic one (fmnist-5t: no augmentation)
     tii_cache_features: bool = False
-    tii_align_epochs: int = 30
-    tii_align_samples_per_class: int = 240  # 24 per centroid
-    tii_align_batch_size: int = 24
-    tii_align_lr: float = 4.6875e-4  # 0.005 x 24/256
+    tii_align_epochs: int = hparam(30, ge=0)
+    tii_align_samples_per_class: int = hparam(240, ge=1)  # 24 per centroid
+    tii_align_batch_size: int = hparam(24, ge=1)
+    tii_align_lr: float = hparam(4.6875e-4, gt=0)  # 0.005 x 24/256
 
 
 class TIIModel(nn.Module):

@@ -37,11 +37,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from torch import Tensor, nn
 
 from .alignment import AlignmentConfig, AlignmentStage, collect_features
-from .base import Hparams, PromptModel, PromptStrategy, TaskStages
+from .base import Hparams, PromptModel, PromptStrategy, TaskStages, hparam
 from .registry import register
 from .vit import PromptedViT
 
@@ -54,20 +54,20 @@ class VQPromptHparams(Hparams):
     optimizer: str = "adamw"
     weight_decay: float = 0.0
     schedule: str = "cosine"
-    pool_size: int = 10  # N prompts (and keys) per layer, shared by all tasks
-    prompt_length: int = 8  # Lp tokens in total: Lp/2 prefix keys + Lp/2 prefix values
-    prompt_layers: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
-    tau: float = 1.0  # softmax temperature of the key match (5 for CUB in the scripts)
-    lambda_q: float = 0.4  # weight of the pool (VQ) term ||sg[p'] - p||^2, paper Eq. 9
-    lambda_c: float = 0.1  # weight of the commitment term ||p' - sg[p]||^2, paper Eq. 9
+    pool_size: int = hparam(10, ge=1)  # N prompts (and keys) per layer, shared by all tasks
+    prompt_length: int = hparam(8, ge=2)  # Lp tokens in total: Lp/2 prefix keys + Lp/2 prefix values
+    prompt_layers: list[int] = hparam(default_factory=lambda: [0, 1, 2, 3, 4], ge=0)
+    tau: float = hparam(1.0, gt=0)  # softmax temperature of the key match (5 for CUB in the scripts)
+    lambda_q: float = hparam(0.4, ge=0)  # weight of the pool (VQ) term ||sg[p'] - p||^2, paper Eq. 9
+    lambda_c: float = hparam(0.1, ge=0)  # weight of the commitment term ||p' - sg[p]||^2, paper Eq. 9
     code_loss_weights: bool = False  # True: the code's swap (0.4 on commitment, 0.1 on pool)
     prompt_lr_mult: float = 5.0  # prompts and keys at 5x lr (code)
     stats_train_transform: bool = True  # statistics with the training transform (code)
-    align_epochs: int = 10
-    align_samples_per_class: int = 512  # per class per epoch, also the alignment batch size
-    align_lr: float = 1e-5  # ca_lr / 10 in the code
-    align_min_lr: float = 1e-6
-    align_weight_decay: float = 5e-4
+    align_epochs: int = hparam(10, ge=0)
+    align_samples_per_class: int = hparam(512, ge=1)  # per class per epoch, also the alignment batch size
+    align_lr: float = hparam(1e-5, gt=0)  # ca_lr / 10 in the code
+    align_min_lr: float = hparam(1e-6, ge=0, le="align_lr")
+    align_weight_decay: float = hparam(5e-4, ge=0)
 
 
 class _StraightThrough(torch.autograd.Function):
