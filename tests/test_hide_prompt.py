@@ -1,13 +1,15 @@
 """HiDe-Prompt on the tiny ViT: per-sample task-identity routing, the two stages task by task,
-contrastive term, prompt carry-over, batch-size invariance, and the ViT-B/16 parameter counts."""
+contrastive term, prompt carry-over, batch-size invariance under TII routing, and the ViT-B/16
+parameter counts by component (on the meta device). What every method must do is in
+test_methods.py."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from methods import backbones, registry
+from methods import registry
 from methods.hide_prompt import HiDeHparams, HiDeModel
 
-from helpers import PROTOCOLS, stream, hparams
+from helpers import PROTOCOLS, stream, hparams, vit_b16
 
 torch.set_num_threads(1)
 
@@ -117,7 +119,7 @@ def test_more_tasks_than_prompts_is_a_clear_error(vit):
         s.train(bm.train_stream[2])
 
 
-def test_defaults_cover_every_protocol_and_cost_attributes():
+def test_one_prompt_per_task_in_every_protocol_and_two_passes():
     cls = registry.get("hide_prompt")
     tasks = {"cifar100-10t": 10, "imagenet-r-5t": 5, "imagenet-r-10t": 10, "imagenet-r-20t": 20,
              "cub200-10t": 10, "fmnist-5t": 5}
@@ -130,7 +132,7 @@ def test_defaults_cover_every_protocol_and_cost_attributes():
 
 
 def test_vit_b16_parameter_counts():
-    vit_b = backbones.load("sup21k", random_init=True).vit
+    vit_b = vit_b16()  # meta device: shapes only
     counts = {}
     for protocol, classes in (("cifar100-10t", 100), ("imagenet-r-10t", 200)):
         m = HiDeModel(vit_b, classes, HiDeHparams(**hparams("hide_prompt", protocol)))
