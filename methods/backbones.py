@@ -14,6 +14,7 @@ trains its own head.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import pickle
@@ -24,6 +25,7 @@ from typing import Callable
 
 import torch
 import timm
+from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
 from .vit import PromptedViT
@@ -140,10 +142,25 @@ def names() -> list[str]:
 
 
 def get_spec(name: str) -> BackboneSpec:
+    """The spec of backbone `name`, or of `name@<px>`: that backbone fed `px`-pixel inputs (a
+    multiple of its patch size), as timm builds a ViT at another `img_size`: the same weights with
+    the position embedding resampled to the new patch grid. Cheap real-architecture dry runs use
+    it (`sup21k@32`: ViT-B/16 on CIFAR's own 32 px, 2 x 2 patches)."""
+    base, at, size = name.partition("@")
     try:
-        return BACKBONES[name]
+        spec = BACKBONES[base]
     except KeyError:
-        raise BackboneError(f"unknown backbone {name!r}; valid: {', '.join(BACKBONES)}") from None
+        raise BackboneError(f"unknown backbone {name!r}; valid: {', '.join(BACKBONES)} "
+                            "(or NAME@PIXELS for another input size)") from None
+    if not at:
+        return spec
+    patch = spec.arch["patch_size"]
+    if not size.isdigit() or int(size) < patch or int(size) % patch:
+        raise BackboneError(f"backbone {name!r}: the input size after '@' must be a multiple of "
+                            f"{base}'s patch size {patch}, e.g. {base}@{2 * patch}")
+    px = int(size)
+    return dataclasses.replace(spec, name=name, arch={**spec.arch, "img_size": px}, image_size=px,
+                               description=f"{spec.description}, fed {px} px inputs")
 
 
 def build_architecture(name: str) -> VisionTransformer:
@@ -264,12 +281,13 @@ def _weights(name: str, weights_dir: str | None, random_init: bool,
         if odd:
             raise BackboneError(f"checkpoint {path}: entries {odd[:5]} are not tensors; it is not a "
                                 f"{spec.description} checkpoint: {spec.download_hint}")
+        sd = _fit_input_size(name, sd)
         check_keys(skeleton(name), sd, str(path))
         return sd, sha256_file(path), str(path)
     if allow_download and spec.timm_name:
         hub = timm.create_model(spec.timm_name, pretrained=True, num_classes=0)
         source = f"timm hub {spec.timm_name}"
-        sd = _drop_heads(hub.state_dict())
+        sd = _fit_input_size(name, _drop_heads(hub.state_dict()))
         check_keys(skeleton(name), sd, source)
         digest = hashlib.sha256()
         for k, v in sorted(sd.items()):
@@ -281,6 +299,19 @@ def _weights(name: str, weights_dir: str | None, random_init: bool,
         how += " or pass --allow-download to fetch it from the timm hub"
     raise BackboneError(
         f"no weights for backbone {name!r}: looked in {', '.join(str(p) for p in tried)}; {how}")
+
+
+def _fit_input_size(name: str, sd: dict) -> dict:
+    """For `name@<px>`: the checkpoint's position embedding resampled (bicubic, timm's
+    `resample_abs_pos_embed`) to the patch grid of that input size; other names: `sd` as is."""
+    if "@" not in name or "pos_embed" not in sd:
+        return sd
+    vit = skeleton(name)
+    if tuple(sd["pos_embed"].shape) == tuple(vit.pos_embed.shape):
+        return sd
+    pos = resample_abs_pos_embed(sd["pos_embed"], new_size=list(vit.patch_embed.grid_size),
+                                 num_prefix_tokens=vit.num_prefix_tokens)
+    return {**sd, "pos_embed": pos}
 
 
 def _name_seed(name: str) -> int:
