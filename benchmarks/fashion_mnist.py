@@ -1,6 +1,6 @@
 """Fashion-MNIST from its IDX files, parsed with numpy (the suite's embedded default data set).
 
-Lookup order (protocols.md §1): ``<data_root>/fashion-mnist/``, ``<data_root>/``,
+Lookup order (docs/sources.md#fashion-mnist): ``<data_root>/fashion-mnist/``, ``<data_root>/``,
 ``<data_root>/FashionMNIST/raw/`` (torchvision's layout), then the Debian package location
 ``/usr/share/datasets/fashion-mnist/`` (``dataset-fashion-mnist``) unless ``system_copy=False``
 (a data root the user named explicitly is never replaced by it), then a torchvision download

@@ -9,7 +9,8 @@ a run uses (``split:`` / ``split_file:`` of the protocol, ``load_imagenet_r(spli
   the same classes in the same tasks as that code. It needs every one of its 30,000 files: a
   partial tree is a ``DataNotFoundError`` naming the missing files (a smoke run on a few files
   per class gives ``split_file:`` a folder listing just those; ``synthetic.write_imagenet_r_coda``).
-- ``stratified``: the suite's own split (protocols.md §1). Per class, the class's files sorted by
+- ``stratified``: the suite's own split (docs/sources.md#imagenet-r). Per class, the class's files
+  sorted by
   name, shuffled by ``random.Random(f"imagenet-r:0:{wnid}")`` (seed 0, one stream per class so
   that adding or losing a class never reshuffles the others), the first ``round(20%)`` (at least
   1) to test, the rest to train; labels in sorted wnid order. Written to

@@ -1,7 +1,8 @@
 """Class orders, per-class subsampling and the Avalanche class-incremental streams.
 
 Streams come from ``class_incremental_benchmark`` with an explicit ``num_classes_per_exp``:
-with ``num_experiences`` Avalanche 0.6.0 silently drops the remainder classes (avalanche.md B.2).
+with ``num_experiences`` Avalanche 0.6.0 silently drops the remainder classes
+(``avalanche/benchmarks/scenarios/supervised.py:104-114``, docs/sources.md#avalanche-060).
 """
 
 from __future__ import annotations

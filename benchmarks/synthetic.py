@@ -1,6 +1,6 @@
 """Tiny data sets written in the exact real on-disk formats, for tests and smoke runs.
 
-Tests never download (DESIGN); they write a few images per class the way the real archives lay
+Tests never download; they write a few images per class the way the real archives lay
 them out, so the readers are exercised on the real formats. Pixel values are random but
 deterministic (``seed``); each image is tinted by its class so a probe could tell classes apart.
 

@@ -1,10 +1,11 @@
 """Train / eval transforms: one pipeline per (backbone resolution, channels, normalisation).
 
-Every method sees the same pipeline (DESIGN: one data pipeline for all). Geometry follows
-protocols.md §1; then the image becomes a float tensor in [0, 1], its channels are matched to the
+Every method sees the same pipeline (the suite's rule: one data pipeline for all). Geometry follows
+the reference code (docs/sources.md#preprocessing); then the image becomes a float tensor in [0, 1],
+its channels are matched to the
 backbone, and it is normalised unless mean 0 / std 1 (the CODA / VQ / SMoPE convention).
 
-Choices where the spec is silent:
+Choices the reference code leaves open:
 - ``"resize"`` (eval) and ``"none"`` (train) resize to a square ``(S, S)``, not the shorter side to
   S: identical for square data (CIFAR, Fashion-MNIST) and batchable for photos of any shape.
 - ``"resize_crop"`` = ``Resize(int(S * 256 / 224))`` (shorter side) + ``CenterCrop(S)``.

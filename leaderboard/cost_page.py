@@ -89,7 +89,8 @@ def _published_gflops(c: Mapping | None) -> str:
 def _published_section(papers: Mapping) -> list[str]:
     lines = ["## Published cost (ViT-B/16, 224 px, per image)", "",
              "From `leaderboard/papers.yaml`. Added parameters exclude the head; basis `paper` where the "
-             "paper states the count, `inferred` where the spec computed it from the configuration. The "
+             "paper states the count, `inferred` where it is computed from the configuration "
+             "(docs/sources.md#cost). The "
              "total is the SMoPE poster's, head included. GFLOPs are per image and forward, as published "
              "(a plain ViT-B/16 forward is counted as 33.72).", ""]
     rows, notes = [], []
@@ -103,7 +104,7 @@ def _published_section(papers: Mapping) -> list[str]:
                 ref += f"[{len(notes)}]"
         rows.append([c.get("method") or "none", c["paper_name"], added, total,
                      _pair(c.get("passes_train"), c.get("passes_test")), _published_gflops(c),
-                     f"{c['source']} ({c['spec']})", ref])
+                     f"{c['source']} ({c['provenance']})", ref])
     _table(lines, ["suite method", "paper's name", "added parameters", "total incl. head (poster)",
                    "passes train / test", "GFLOPs train / test", "source", "notes"], rows)
     if notes:

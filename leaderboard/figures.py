@@ -193,7 +193,7 @@ class SeenCurve:
 
 def seen_class_accuracy(acc_matrix: Sequence[Sequence[float | None]]) -> np.ndarray:
     """Accuracy on the classes seen so far after each task i: mean_{j<=i} acc[j][i] (tasks weighted
-    equally, the inner term of CAA in specs/protocols.md §2; its last value is the FAA)."""
+    equally, the inner term of CAA, docs/sources.md#metrics; its last value is the FAA)."""
     rows = [list(r) for r in acc_matrix]
     t = len(rows)
     if t == 0 or any(len(r) != t for r in rows):

@@ -1,7 +1,7 @@
 """The papers' published numbers beside the suite's: ``papers.yaml`` -> ``leaderboard/papers.md``.
 
 Why a data file: the published numbers of six papers (and their quotes, re-runs and the SMoPE
-poster) are typed once, each with its source and the spec section it was read from, and every
+poster) are typed once, each with its source and provenance (docs/sources.md), and every
 page that shows them is rendered from that file, so a number is corrected in one place. The
 suite's side is computed from run records alone, with the same filter as a leaderboard row:
 status "ok", the default configuration (no ``variant``), table "main" (the SMoPE ablation ladder:
@@ -30,7 +30,7 @@ PAPERS_FILE = "papers.yaml"
 PM = "±"
 #: The suite's names for the six methods the papers report, in the order the tables list them.
 SUITE_METHODS = ("l2p", "dualprompt", "coda_prompt", "hide_prompt", "vq_prompt", "smope")
-#: The suite's protocols and backbones that papers report on (protocols.md §1, §3).
+#: The suite's protocols and backbones that papers report on (docs/sources.md#data, #backbones).
 REAL_PROTOCOLS = ("cifar100-10t", "imagenet-r-5t", "imagenet-r-10t", "imagenet-r-20t", "cub200-10t")
 REAL_BACKBONES = ("sup21k", "sup1k", "ibot1k", "dino1k")
 ABLATION_TABLE = "ablation:smope"
@@ -42,13 +42,13 @@ SUITE_METRICS = ("faa", "ffm", "caa")
 EVIDENCE = ("paper", "quoted", "poster", "secondary", "reproduction", "third-party")
 
 _RESULT_KEYS = {"method", "paper_name", "benchmark", "protocol", "tasks", "backbone", "paper_backbone",
-                "backbone_note", "table", "label", *METRICS, "missing", "source", "spec", "evidence",
+                "backbone_note", "table", "label", *METRICS, "missing", "source", "provenance", "evidence",
                 "uncertain", "runs", "note"}
-_RESULT_REQUIRED = {"method", "paper_name", "benchmark", "protocol", "tasks", "backbone", "source", "spec",
-                    "evidence"}
+_RESULT_REQUIRED = {"method", "paper_name", "benchmark", "protocol", "tasks", "backbone", "source",
+                    "provenance", "evidence"}
 _METRIC_KEYS = {"mean", "std", "source", "uncertain"}
 _COST_KEYS = {"method", "paper_name", "params_added", "params_total_m", "passes_train", "passes_test",
-              "gflops_train", "gflops_test", "source", "spec", "uncertain", "note"}
+              "gflops_train", "gflops_test", "source", "provenance", "uncertain", "note"}
 _COST_NUMBERS = ("params_total_m", "gflops_train", "gflops_test")
 _DIFF_KEYS = {"id", "title", "methods", "fact", "code", "suite"}
 _CODE_KEYS = {"repo", "commit", "file", "lines", "what"}
@@ -126,7 +126,7 @@ def _check_result(c: _Checker, e: Any, notes: Mapping) -> dict:
     absent = _RESULT_REQUIRED - set(e)
     if absent:
         c.fail(f"missing keys {sorted(absent)} (write null where a value does not apply)")
-    for k in ("paper_name", "benchmark", "source", "spec"):
+    for k in ("paper_name", "benchmark", "source", "provenance"):
         c.text(e, k)
     for k in ("paper_backbone", "uncertain", "note"):
         c.text(e, k, optional=True)
@@ -172,7 +172,7 @@ def _check_cost(c: _Checker, e: Any) -> dict:
     if extra:
         c.fail(f"unknown keys {sorted(extra)} (allowed: {sorted(_COST_KEYS)})")
     c.choice(e, "method", SUITE_METHODS)
-    for k in ("paper_name", "source", "spec"):
+    for k in ("paper_name", "source", "provenance"):
         c.text(e, k)
     for k in ("uncertain", "note"):
         c.text(e, k, optional=True)
@@ -541,13 +541,14 @@ def render_papers(records: Iterable[Mapping[str, Any]], papers: Mapping | None =
     newest = newest_created(used)
     lines = [MARKER, "# Published numbers beside the suite", "",
              "Every published number here is read from `leaderboard/papers.yaml`, one entry per number "
-             "with its source and the section of the project's specs it comes from (`specs/protocols.md`, "
-             "`specs/baselines.md`, `specs/smope.md`). The suite's "
+             "with its source (paper table, poster, quote or re-run) and its provenance in "
+             "[`docs/sources.md`](../docs/sources.md) (which table, which backbone checkpoint, which code "
+             "configuration). The suite's "
              "numbers come from run records alone: status ok, default configuration (no `variant`), "
              f"table `main`; mean {PM} sample std (ddof 1) over seeds, `n/a` with one seed; "
              "Δ = suite minus paper. The papers' std is over their own runs (the CODA-Prompt and SMoPE "
              "code use `np.std`, the population std). \"not run yet\": no such run is recorded; "
-             "\"(?)\": a value the specs flag as uncertain (see the notes). A method the suite does not "
+             "\"(?)\": a value whose provenance is uncertain (see the notes). A method the suite does not "
              "have (Deep L2P++, L2P++, OVOR, NoRGa) is listed as published, with no suite numbers.",
              "",
              (f"Suite runs used: {len(used)}, newest recorded {newest}." if used
@@ -588,7 +589,7 @@ def render_papers(records: Iterable[Mapping[str, Any]], papers: Mapping | None =
         lines += ["## Published numbers on benchmarks or backbones the suite does not pin", "",
                   "No suite protocol or backbone matches these (another benchmark, or the source does not "
                   "say which backbone or how many tasks); they are listed so that every published number "
-                  "of the specs is here.", ""]
+                  "that docs/sources.md traces is here.", ""]
         lines += _other_benchmarks(other, papers) + [""]
 
     lines += _differences(papers)

@@ -1,4 +1,4 @@
-"""Statistics for the leaderboard, computed from stored records alone (specs/protocols.md §6).
+"""Statistics for the leaderboard, computed from stored records alone (docs/sources.md#statistics).
 
 Why these tests: runs with the same seed share the class order, so methods are compared paired
 by seed. With 5 seeds a two-sided Wilcoxon signed-rank test cannot go below p = 0.0625, so the

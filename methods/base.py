@@ -1,6 +1,6 @@
 """`PromptStrategy`: the Avalanche `SupervisedTemplate` every method in the suite subclasses.
 
-What it fixes for every method alike (the fairness rules of DESIGN.md):
+What it fixes for every method alike (the suite's fairness rules):
 - the backbone is frozen (`requires_grad_(False)`) and never in an optimizer: the optimizer is
   rebuilt at each task over the parameters that require grad, through `param_groups()`;
 - training CE sees only the current task's logits (the others are -inf); evaluation masks the

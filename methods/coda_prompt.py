@@ -13,7 +13,7 @@ so they stay bit-equal) and later ones unused. At the start of each task its sli
 by Gram-Schmidt: random vectors made orthonormal to each other and to every earlier component
 (current CODA code, since 605ac87). No task id at test: all components so far are used.
 
-Size on ViT-B/16: 5 layers * 100 * (8*768 + 768 + 768) = 3,840,000 (baselines.md §3.3).
+Size on ViT-B/16: 5 layers * 100 * (8*768 + 768 + 768) = 3,840,000 (docs/sources.md#cost).
 """
 from __future__ import annotations
 
@@ -136,7 +136,7 @@ class CodaModel(PromptModel):
 class CodaPrompt(PromptStrategy):
     """CODA-Prompt as the suite runs it (mechanism in the module docstring).
 
-    Departures from the paper / official code (baselines.md §3):
+    Departures from the paper / official code (docs/sources.md#coda-prompt):
     - ortho_weight (mu) defaults to 0.0 as the current code (Gram-Schmidt init makes the penalty
       unnecessary, per its README); the paper uses 0.1 and the original release an extra hidden
       1e-6 factor. Configurable; the penalty covers all components so far (K, A, flattened P).

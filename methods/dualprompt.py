@@ -9,7 +9,7 @@ Training uses the ground-truth task's E-prompt for every image and pulls that ta
 the frozen query q(x). At test each image takes the E-prompt whose key has the highest cosine with
 its own query (top-1, per sample). The head reads the prompted [CLS].
 
-Sizes (baselines.md §2.3, ViT-B/16, pool 10): G 2*2*5*768 = 15,360; keys 10*768 = 7,680;
+Sizes (docs/sources.md#cost, ViT-B/16, pool 10): G 2*2*5*768 = 15,360; keys 10*768 = 7,680;
 E 3*2*10*5*768 = 230,400 (CIFAR, length 5) -> 253,440, or 921,600 (ImageNet-R, length 20)
 -> 944,640.
 """
@@ -97,10 +97,11 @@ class DualPromptModel(PromptModel):
 class DualPrompt(PromptStrategy):
     """DualPrompt as the suite runs it (mechanism in the module docstring).
 
-    Departures from the paper / official code (baselines.md §2):
+    Departures from the paper / official code (docs/sources.md#dualprompt):
     - Test-time selection is per sample everywhere. The official CIFAR config votes one E-prompt
       per test batch (`batchwise_prompt=True`); the suite forbids it. The E-prefix is gathered per
-      sample with its key/value axis kept apart (no JH-LEE-KR reshape bug, §2.5).
+      sample with its key/value axis kept apart (no JH-LEE-KR reshape bug,
+      docs/sources.md#prefix-reshape-without-a-permute).
     - At test the key match runs over the tasks learnt so far; the code matches all pool keys,
       untrained future ones included (changes intermediate accuracies only, not the final one).
     - Pull loss written as coeff * mean_b (1 - cos(q_b, k_t)); the code subtracts coeff * mean cos

@@ -20,12 +20,14 @@ Per task t, in one online pass (stage 1 of task t, then stage 2 of task t):
 At test time (2 passes): the TII model's argmax over seen classes gives a class, hence a task,
 hence the prompt -- per sample -- then the prompted pass and the main head.
 
-Departures, named (the paper's text was not found, baselines.md 4: this follows the code):
+Departures, named (the paper's text was not found, docs/sources.md#hide-prompt: this follows the
+code):
 - the code runs stage 1 over the whole task sequence, then stage 2 loading stage 1's per-task
   checkpoints (two full sequential runs); here the two stages alternate task by task in one
   online pass. Nothing in stage 2 of task t depends on stage 1 of later tasks, so this is the same
   computation in a different order, but it is one run;
-- the code's prefix reshape bug (per-sample prompts mixed across the batch, baselines.md 4.5) is
+- the code's prefix reshape bug (per-sample prompts mixed across the batch,
+  docs/sources.md#prefix-reshape-without-a-permute) is
   not reproduced: prompts are selected and applied per sample;
 - the code also runs the TII model at every stage-2 training step and then overrides its choice
   with the true task; that unused pass is skipped (no effect on the result);

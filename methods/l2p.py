@@ -8,7 +8,7 @@ at the prompt positions. Training adds the surrogate "key pull" loss that draws 
 towards the queries that chose them.
 
 Paper setting for Split CIFAR-100: M=10, Lp=5, N=5, so 10*5*768 + 10*768 = 46,080 added
-parameters on ViT-B/16 (baselines.md §1.3).
+parameters on ViT-B/16 (L2P paper §5.2; docs/sources.md#cost).
 """
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ class L2PModel(PromptModel):
 class L2P(PromptStrategy):
     """L2P as the suite runs it (mechanism in the module docstring).
 
-    Departures from the paper / official code (baselines.md §1):
+    Departures from the paper / official code (docs/sources.md#l2p):
     - Selection is per sample at train and test. The official code (JAX and l2p-pytorch) uses
       `batchwise_prompt=True`: a majority vote over the batch picks one prompt set for every image,
       which leaks across the test batch (google-research/l2p#28); the suite forbids it.

@@ -1,6 +1,6 @@
 """The method registry: names -> `PromptStrategy` subclasses, and their hyperparameters.
 
-Three ways in (DESIGN.md "Extension"):
+Three ways in (README.md "Adding a method"):
 1. a module in the `methods` package decorated with `@register("name")`: every module of the
    package is imported on first use, so a new method is one new file and nothing else;
 2. `load_plugin("path/to/file.py")` or `load_plugin("package.module")` (`--plugin` on the CLI);

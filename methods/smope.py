@@ -1,5 +1,6 @@
 """SMoPE: "One-Prompt Strikes Back: Sparse Mixture of Experts for Prompt-based Continual Learning"
-(ICLR 2026; official code github.com/Minhchuyentoancbn/SMoPE @ a7a42a7). Facts: specs/smope.md.
+(ICLR 2026; official code github.com/Minhchuyentoancbn/SMoPE @ a7a42a7). Facts:
+docs/sources.md#smope.
 
 The idea in one paragraph. One shared prefix prompt sits in the first half of the blocks (0-5 of
 ViT-B/16). In every prompted layer each head owns N_p = 25 "prompt experts", a prefix key and a
@@ -11,20 +12,20 @@ Each kept expert enters the ordinary softmax attention as one extra column whose
 the layer's own input in the same forward pass, so SMoPE needs ONE ViT pass at train and at test,
 where L2P-style methods need a second, frozen query pass.
 
-Around that mechanism (spec section in brackets):
-- adaptive noise [§2]: activation counts F per expert, accumulated over tasks by a no-grad pass
+Around that mechanism (each has its section under docs/sources.md#smope):
+- adaptive noise: activation counts F per expert, accumulated over tasks by a no-grad pass
   over each task's training data; at the start of every later task the experts with F >= the
   mean are flagged "frequently used" (sticky), and during training their selection score loses
   eps * (max_j s_j - min_j s_j), so new tasks are pushed toward rarely used experts;
-- router loss [§3.2]: CE pushing the selected experts' raw scores above the others by that margin;
-- prototype loss [§3.3]: the old keys of frequently used experts act as pseudo-queries whose
+- router loss: CE pushing the selected experts' raw scores above the others by that margin;
+- prototype loss: the old keys of frequently used experts act as pseudo-queries whose
   top-K routing (under the old keys) the current keys must keep: prefix keys as implicit memory;
-- schedule [§4]: task 0 starts with int(E/2) dense epochs (every expert, no router loss, fresh
+- schedule: task 0 starts with int(E/2) dense epochs (every expert, no router loss, fresh
   optimizer); after each task >= 1 the head is re-fit on Gaussian class statistics (the shared
   `methods.alignment`, HiDe's "task-adaptive prediction").
 
 Every component is an hparam switch, and `ABLATION` lists the paper's cumulative ladder
-(spec §6.5) as labelled overrides.
+(docs/sources.md#smope-secondary-notes) as labelled overrides.
 """
 from __future__ import annotations
 
@@ -144,7 +145,8 @@ class SMoPEModel(PromptModel):
 
     def select(self, i: int, scores: Tensor) -> Tensor | None:
         """Top-K experts per row (image, or token when not aggregating), layer and head, after the
-        penalty c_j * (max s - min s) of spec §2: c = eps on flagged experts while training
+        penalty c_j * (max s - min s) (docs/sources.md#smope-adaptive-noise): c = eps on flagged
+        experts while training
         (adaptive noise), c = 2 on never-used experts at test if `exclude_unused`. None = dense."""
         if self.dense or not self.hp.sparse:
             return None
@@ -168,7 +170,8 @@ class SMoPEModel(PromptModel):
 
     def _reference_attention(self, i: int, q: Tensor, k: Tensor, v: Tensor, scores: Tensor,
                              selected: Tensor | None) -> Tensor:
-        """Spec §1.3 literally: [tau*s_j for kept experts, row-expanded] ++ [tau*q_i.k_n], one
+        """docs/sources.md#smope-routing-and-attention literally: [tau*s_j for kept experts,
+        row-expanded] ++ [tau*q_i.k_n], one
         softmax, unselected experts dropped (logit -inf, so their weight is exactly 0)."""
         b, h, n, hd = q.shape
         tau = hd ** -0.5
@@ -220,7 +223,8 @@ class SMoPEModel(PromptModel):
 
     # ------------------------------------------------------------------ losses
     def router_loss(self) -> Tensor:
-        """Spec §3.2 (code form): for every prompted layer, head and kept expert t, the batch-mean
+        """docs/sources.md#smope-router-loss (code form): for every prompted layer, head and kept
+        expert t, the batch-mean
         CE(z, t) with z_j = s_j + eps * (max s - min s) * [j not kept] on raw scores; summed."""
         total = self.key.new_zeros(())
         for r in self.routing:
@@ -235,7 +239,8 @@ class SMoPEModel(PromptModel):
         return total
 
     def prototype_routing(self) -> tuple[Tensor, Tensor, Tensor]:
-        """Spec §3.3: every old key as a pseudo-query p. Returns its logits p.k_j under the current
+        """docs/sources.md#smope-prototype-loss: every old key as a pseudo-query p. Returns its
+        logits p.k_j under the current
         keys (L, H, E, E), its top-K targets under the old keys (L, H, E, K), and which p count as
         prototypes (the frequently used experts, (L, H, E))."""
         old = self.old_key
@@ -275,7 +280,8 @@ class SMoPEModel(PromptModel):
 
 
 def _ladder() -> list[tuple[str, dict]]:
-    """The paper's cumulative ablation (spec §6.5, CUB-200) as (label, hparam overrides), from
+    """The paper's cumulative ablation (docs/sources.md#smope-secondary-notes, CUB-200) as (label,
+    hparam overrides), from
     plain one-prompt prefix tuning (per-token scores, every expert, no extra stage) to the full
     method: each rung adds one component; a rung's overrides switch off all later ones."""
     rungs = [("one prompt", None), ("+ score aggregation", "aggregate"),
@@ -338,7 +344,7 @@ class SMoPE(PromptStrategy):
     passes_test = 1
     ABLATION = _ladder()  # `run_suite.py --ablation smope` (protocol YAML: `variants: ladder`)
     DEFAULTS = {
-        # spec §4.5 (configs/*.yaml and experiments/*.sh of the official code)
+        # docs/sources.md#smope-per-dataset-settings (configs/*.yaml, experiments/*.sh of the code)
         "cifar100-10t": dict(epochs=20, batch_size=128, lr=0.005, alpha_router=1e-5,
                              alpha_proto=1e-5, eps=0.4, ca_epochs=50, ca_batch_ratio=1),
         "imagenet-r-5t": dict(epochs=20, batch_size=64, lr=0.0025, alpha_router=1e-4,
@@ -377,7 +383,7 @@ class SMoPE(PromptStrategy):
 
     def _train_exp(self, experience, eval_streams=None, **kwargs):
         """Task 0 first trains int(E/2) dense epochs, then a fresh optimizer and schedule run the
-        E sparse epochs (spec §4.2); later tasks are sparse only."""
+        E sparse epochs (docs/sources.md#smope-training-schedule); later tasks are sparse only."""
         epochs = self.hp.epochs
         warmup = int(0.5 * epochs) if (self.task_id == 0 and self.hp.dense_warmup) else 0
         if warmup > 0:
@@ -411,7 +417,8 @@ class SMoPE(PromptStrategy):
         return loss
 
     def task_end(self) -> None:
-        """Counting pass (spec §2), class statistics and classifier alignment (§4.2).
+        """Counting pass, class statistics and classifier alignment
+        (docs/sources.md#smope-training-schedule).
 
         The code runs the counting pass and the statistics pass one after the other. Both are
         no-grad passes over the task's training images with the evaluation routing, which reads

@@ -1,4 +1,4 @@
-"""Continual-learning metrics from the full accuracy matrix (specs/protocols.md §2).
+"""Continual-learning metrics from the full accuracy matrix (docs/sources.md#metrics).
 
 Why our own code and not Avalanche's metrics: Avalanche's forgetting is "first minus last", while
 the prompt-CL papers report FFM as "best earlier accuracy minus final". Everything here is derived

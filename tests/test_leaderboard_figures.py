@@ -33,7 +33,7 @@ def test_seen_class_accuracy_hand_computed():
     # after task 1: task 1 alone; after task 2: (80 + 85) / 2; after task 3: (70 + 75 + 95) / 3
     assert seen_class_accuracy(M1).tolist() == pytest.approx([90.0, 82.5, 80.0])
     assert seen_class_accuracy(M3).tolist() == pytest.approx([100.0, 65.0, 60.0])
-    # the last point is the run's FAA, the mean of the points its CAA (specs/protocols.md §2)
+    # the last point is the run's FAA, the mean of the points its CAA (docs/sources.md#metrics)
     m = summarize(M3)
     assert seen_class_accuracy(M3)[-1] == pytest.approx(m["faa"])
     assert seen_class_accuracy(M3).mean() == pytest.approx(m["caa"])

@@ -1,4 +1,4 @@
-"""protocols.metrics.summarize against hand-computed values (protocols.md §2)."""
+"""protocols.metrics.summarize against hand-computed values (docs/sources.md#metrics)."""
 import math
 
 import numpy as np

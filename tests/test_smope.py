@@ -108,7 +108,7 @@ def test_k_equal_to_n_experts_is_dense_prefix_attention_with_row_expanded_logits
     x = images(3)
     vit = m.vit
 
-    def dense(i):  # written from spec §1.3, independently of the module
+    def dense(i):  # from docs/sources.md#smope-routing-and-attention, not from the module
         def fn(q, k, v):
             tau = q.shape[-1] ** -0.5
             s_ = q.mean(2, keepdim=True) @ m.key[i].transpose(-1, -2)  # (B, H, 1, E)
