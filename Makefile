@@ -1,12 +1,15 @@
-# Two entry points: `make suite` runs the default sweep, `make test` runs the tests.
-# Both create .venv if missing, install the suite, and make the default data available.
+# Entry points: `make suite` runs the default sweep, `make test` runs the tests (CI), `make smoke`
+# the real-shape dry run in full. All create .venv if missing, install the suite, and make the
+# default data available.
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 FMNIST_DEB_DIR := /usr/share/datasets/fashion-mnist
 SUITE_ARGS ?= --methods all --ablation all --seeds 5
+# the full dry run's protocols and methods (default: every real protocol, every method, every task)
+SMOKE_ARGS ?=
 
-.PHONY: suite test venv data clean
+.PHONY: suite test smoke venv data clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -39,6 +42,14 @@ suite: venv data
 # set one torch thread per process, so the processes do not thrash.
 test: venv data
 	$(BIN)/python -m pytest -q -n auto --dist loadfile tests
+
+# The real-shape dry run in full (hours on a CPU; README "Smoke runs"): first the 2-task form of
+# tests/test_smoke.py with every method at the real 224 px (CI runs its reduced form: ViT-B/16 fed
+# 32 px), then every method through every task of every real protocol (`run_suite.py smoke`,
+# which keeps its smoke records in leaderboard/smoke/).
+smoke: venv data
+	PROMPTCL_SMOKE=full $(BIN)/python -m pytest -q -p no:xdist tests/test_smoke.py
+	$(BIN)/python run_suite.py smoke $(SMOKE_ARGS)
 
 clean:
 	rm -rf $(VENV) results

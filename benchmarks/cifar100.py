@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .common import (ArrayImageDataset, DataError, DataNotFoundError, LoadedData, file_stamp,
-                     resolve_data_root, sha256_bytes)
+                     path_kind, resolve_data_root, sha256_bytes)
 
 FILES = ("train", "test", "meta")
 HOW_TO_GET = (
@@ -38,7 +38,7 @@ def candidate_dirs(data_root: str | os.PathLike | None) -> list[Path]:
 
 def find_dir(data_root: str | os.PathLike | None) -> Path | None:
     for d in candidate_dirs(data_root):
-        if all((d / f).is_file() for f in FILES):
+        if all(path_kind(d / f) == "file" for f in FILES):
             return d
     return None
 

@@ -7,8 +7,10 @@ a notebook use the same bytes the benchmark uses.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -53,11 +55,79 @@ class DataError(ValueError):
         super().__init__(message)
 
 
+#: ``LoadedData.source`` / ``StreamInfo.data_source``: the data came from under the data root
+#: (or was downloaded into it) ...
+FROM_DATA_ROOT = "data_root"
+#: ... or from the system-wide copy (Fashion-MNIST's ``/usr/share/datasets/fashion-mnist``).
+FROM_SYSTEM_COPY = "system"
+
+
 def resolve_data_root(data_root: str | os.PathLike | None) -> Path:
-    """``data_root`` or, when None, ``$PROMPTCL_DATA_ROOT`` or ``./data``."""
+    """``data_root`` or, when None, ``$PROMPTCL_DATA_ROOT`` or ``./data``. A data root that exists
+    but is not a folder (or loops) is a ``DataError`` naming it, never a silent miss; one that does
+    not exist is left to the readers (their not-found error lists where they looked)."""
     if data_root is None:
         data_root = os.environ.get(DEFAULT_DATA_ROOT_ENV, "data")
-    return Path(data_root).expanduser()
+    root = Path(data_root).expanduser()
+    kind = path_kind(root)
+    if kind not in (None, "dir"):
+        raise DataError(f"data root {root} is not a folder; give the folder that holds the data sets "
+                        "(e.g. <data-root>/fashion-mnist/, <data-root>/cifar-100-python/)")
+    return root
+
+
+def path_kind(path: str | os.PathLike) -> str | None:
+    """``"dir"``, ``"file"``, ``"other"`` or None (nothing there, or a dangling link), following
+    links. Where ``Path.is_file()`` would quietly say False, a symbolic link loop on the way (or a
+    path that cannot be examined) is a ``DataError`` naming the link, so a broken data tree is an
+    input error, not a data set silently looked for elsewhere."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        raise path_error(Path(path), e) from None
+    if stat.S_ISDIR(st.st_mode):
+        return "dir"
+    return "file" if stat.S_ISREG(st.st_mode) else "other"
+
+
+def entry_kind(entry: os.DirEntry) -> str | None:
+    """``path_kind`` of a ``scandir`` entry, from the entry's cached type when it is not a link."""
+    try:
+        if entry.is_dir():
+            return "dir"
+        if entry.is_file():
+            return "file"
+    except OSError as e:  # a link loop: DirEntry raises where Path would return False
+        raise path_error(Path(entry.path), e) from None
+    return path_kind(entry.path) if entry.is_symlink() else "other"
+
+
+def scan(folder: Path) -> list[os.DirEntry]:
+    """The entries of ``folder``; a folder that loops or cannot be listed is a ``DataError``."""
+    try:
+        with os.scandir(folder) as it:
+            return list(it)
+    except OSError as e:
+        raise path_error(folder, e) from None
+
+
+def path_error(path: Path, e: OSError) -> "DataError":
+    """The ``DataError`` for an ``OSError`` met while looking at ``path``: for a link loop it names
+    the first link on the path that loops."""
+    if e.errno == errno.ELOOP:
+        looping = path
+        for prefix in [*reversed(path.parents), path]:
+            try:
+                os.stat(prefix)
+            except OSError as inner:
+                if inner.errno == errno.ELOOP:
+                    looping = prefix
+                    break
+        return DataError(f"{looping}: a symbolic link loop (the link leads back to itself); remove "
+                         "the link or point it at the data")
+    return DataError(f"{path}: cannot be examined ({e.strerror or e}); check the path and its permissions")
 
 
 def cache_dir() -> Path:
@@ -197,6 +267,7 @@ class LoadedData:
     location: str               # the folder the data was read from
     split_path: str | None = None  # ImageNet-R: the split list used
     notes: list[str] = field(default_factory=list)
+    source: str = FROM_DATA_ROOT  # FROM_DATA_ROOT or FROM_SYSTEM_COPY
 
     @property
     def num_classes(self) -> int:

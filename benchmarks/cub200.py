@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .common import DataError, DataNotFoundError, ImageFileDataset, LoadedData, resolve_data_root, sha256_bytes
+from .common import (DataError, DataNotFoundError, ImageFileDataset, LoadedData, path_kind,
+                     resolve_data_root, sha256_bytes)
 
 REQUIRED = ("images.txt", "image_class_labels.txt", "train_test_split.txt")
 HOW_TO_GET = (
@@ -29,7 +30,7 @@ def candidate_dirs(data_root: str | os.PathLike | None) -> list[Path]:
 
 def find_dir(data_root: str | os.PathLike | None) -> Path | None:
     for d in candidate_dirs(data_root):
-        if all((d / f).is_file() for f in REQUIRED) and (d / "images").is_dir():
+        if all(path_kind(d / f) == "file" for f in REQUIRED) and path_kind(d / "images") == "dir":
             return d
     return None
 
@@ -76,13 +77,13 @@ def load_cub200(data_root: str | os.PathLike | None = None) -> LoadedData:
         raise DataError(f"{d / 'image_class_labels.txt'}: class ids are not 1..N")
 
     img_dir = d / "images"
-    missing = [images[i] for i in sorted(images) if not (img_dir / images[i]).is_file()]
+    missing = [images[i] for i in sorted(images) if path_kind(img_dir / images[i]) != "file"]
     if missing:
         shown = [str(img_dir / m) for m in missing[:10]] + ([f"... and {len(missing) - 10} more"] if len(missing) > 10 else [])
         raise DataNotFoundError("CUB-200-2011", shown, f"{len(missing)} image(s) listed in images.txt are missing. {HOW_TO_GET}")
 
     names: dict[int, str] = {}
-    if (d / "classes.txt").is_file():
+    if path_kind(d / "classes.txt") == "file":
         names = {k: v for k, v in _read_pairs(d / "classes.txt").items()}
     for i in sorted(images):  # fall back to the folder name, e.g. "001.Black_footed_Albatross"
         names.setdefault(int(labels[i]), images[i].split("/", 1)[0])

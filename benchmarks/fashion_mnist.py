@@ -2,8 +2,10 @@
 
 Lookup order (docs/sources.md#fashion-mnist): ``<data_root>/fashion-mnist/``, ``<data_root>/``,
 ``<data_root>/FashionMNIST/raw/`` (torchvision's layout), then the Debian package location
-``/usr/share/datasets/fashion-mnist/`` (``dataset-fashion-mnist``), then a torchvision download
+``/usr/share/datasets/fashion-mnist/`` (``dataset-fashion-mnist``) unless ``system_copy=False``
+(a data root the user named explicitly is never replaced by it), then a torchvision download
 into ``<data_root>`` only when ``download=True``. Each file may be gzipped (``.gz``) or not.
+``LoadedData.source`` says which copy was read.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import (ArrayImageDataset, DataError, DataNotFoundError, LoadedData, file_stamp,
-                     resolve_data_root, sha256_bytes)
+from .common import (FROM_DATA_ROOT, FROM_SYSTEM_COPY, ArrayImageDataset, DataError,
+                     DataNotFoundError, LoadedData, file_stamp, path_kind, resolve_data_root,
+                     sha256_bytes)
 
 FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -79,23 +82,28 @@ def read_idx(path: str | os.PathLike, expected_magic: int) -> np.ndarray:
 def _file_in(folder: Path, stem: str) -> Path | None:
     for name in (stem + ".gz", stem):
         p = folder / name
-        if p.is_file():
+        if path_kind(p) == "file":  # a link loop on the way is a DataError naming it
             return p
     return None
 
 
-def candidate_dirs(data_root: str | os.PathLike | None) -> list[Path]:
-    """The folders searched, in order."""
+def candidate_dirs(data_root: str | os.PathLike | None, system_copy: bool = True) -> list[Path]:
+    """The folders searched, in order (the system copy last, if it may be used)."""
     root = resolve_data_root(data_root)
-    return [root / "fashion-mnist", root, root / "FashionMNIST" / "raw"] + [Path(d) for d in SYSTEM_DIRS]
+    system = [Path(d) for d in SYSTEM_DIRS] if system_copy else []
+    return [root / "fashion-mnist", root, root / "FashionMNIST" / "raw"] + system
 
 
-def find_files(data_root: str | os.PathLike | None) -> dict[str, Path] | None:
-    """The four IDX files from the first folder holding all of them, or None."""
-    for d in candidate_dirs(data_root):
+def find_files(data_root: str | os.PathLike | None,
+               system_copy: bool = True) -> tuple[dict[str, Path], str] | None:
+    """The four IDX files from the first folder holding all of them, and which copy that is
+    (``FROM_DATA_ROOT`` or ``FROM_SYSTEM_COPY``); None if no folder holds them."""
+    dirs = candidate_dirs(data_root, system_copy)
+    system = {Path(d) for d in SYSTEM_DIRS} if system_copy else set()
+    for d in dirs:
         found = {k: _file_in(d, stem) for k, stem in FILES.items()}
         if all(found.values()):
-            return found  # type: ignore[return-value]
+            return found, FROM_SYSTEM_COPY if d in system else FROM_DATA_ROOT  # type: ignore[return-value]
     return None
 
 
@@ -127,14 +135,22 @@ def _load_arrays(stamp: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.n
 
 
 def load_fashion_mnist(data_root: str | os.PathLike | None = None, *, download: bool = False,
-                       mode: str = "pil") -> LoadedData:
-    """Official 60,000 / 10,000 split as uint8 arrays in memory (``mode``: see ArrayImageDataset)."""
-    files = find_files(data_root)
-    if files is None and download:
+                       mode: str = "pil", system_copy: bool = True) -> LoadedData:
+    """Official 60,000 / 10,000 split as uint8 arrays in memory (``mode``: see ArrayImageDataset).
+    ``system_copy=False``: only the data root (and a download into it), never the system copy."""
+    found = find_files(data_root, system_copy)
+    if found is None and download:
         _download(data_root)
-        files = find_files(data_root)
-    if files is None:
-        raise DataNotFoundError("Fashion-MNIST", candidate_dirs(data_root), HOW_TO_GET)
+        found = find_files(data_root, system_copy)
+    if found is None:
+        how = HOW_TO_GET
+        unused = [d for d in SYSTEM_DIRS if not system_copy
+                  and all(_file_in(Path(d), stem) for stem in FILES.values())]
+        if unused:
+            how += (f"\n(The system copy in {unused[0]} was not used: the data root was given "
+                    "explicitly. Leave out the data root to use it.)")
+        raise DataNotFoundError("Fashion-MNIST", candidate_dirs(data_root, system_copy), how)
+    files, source = found
     xtr, ytr, xte, yte, fp = _load_arrays(file_stamp(files[k] for k in FILES))
     return LoadedData(
         train=ArrayImageDataset(xtr, ytr.tolist(), mode),
@@ -142,4 +158,5 @@ def load_fashion_mnist(data_root: str | os.PathLike | None = None, *, download: 
         class_names=list(CLASS_NAMES),
         fingerprint=fp,
         location=str(files["train_images"].parent),
+        source=source,
     )

@@ -44,7 +44,7 @@ import warnings
 from pathlib import Path
 
 from .common import (DataError, DataNotFoundError, ImageFileDataset, LoadedData, cache_dir,
-                     resolve_data_root, sha256_bytes, sha256_lines)
+                     entry_kind, path_kind, resolve_data_root, scan, sha256_bytes, sha256_lines)
 
 SPLITS = ("coda", "stratified")
 #: The shipped split of the CODA-Prompt / VQ-Prompt / SMoPE code (README.md there).
@@ -69,9 +69,10 @@ def candidate_dirs(data_root: str | os.PathLike | None) -> list[Path]:
 
 
 def _wnid_dirs(d: Path) -> list[str]:
-    if not d.is_dir():
+    """The class folders of ``d``; a link loop among them is a ``DataError`` naming it."""
+    if path_kind(d) != "dir":
         return []
-    return sorted(e.name for e in os.scandir(d) if e.is_dir() and _WNID.match(e.name))
+    return sorted(e.name for e in scan(d) if _WNID.match(e.name) and entry_kind(e) == "dir")
 
 
 def find_dir(data_root: str | os.PathLike | None) -> Path | None:
@@ -82,8 +83,8 @@ def find_dir(data_root: str | os.PathLike | None) -> Path | None:
 
 
 def _class_files(d: Path, wnid: str) -> list[str]:
-    return sorted(f"{wnid}/{e.name}" for e in os.scandir(d / wnid)
-                  if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
+    return sorted(f"{wnid}/{e.name}" for e in scan(d / wnid)
+                  if e.name.lower().endswith(IMAGE_EXTENSIONS) and entry_kind(e) == "file")
 
 
 def make_split(d: Path, seed: int = SPLIT_SEED, test_fraction: float = TEST_FRACTION) -> list[tuple[str, str]]:
@@ -235,11 +236,12 @@ def resolve_split(d: Path, split: str = "coda", split_file: str | os.PathLike | 
 
 
 def _existing(d: Path, classes: list[str]) -> set[str]:
-    """``wnid/file`` of every file in the class folders (one scandir per class, not a stat per file)."""
+    """``wnid/file`` of every file in the class folders (one scandir per class, not a stat per
+    file); a link loop in them is a ``DataError`` naming it, not a file that is merely missing."""
     out: set[str] = set()
     for w in classes:
-        if (d / w).is_dir():
-            out.update(f"{w}/{e.name}" for e in os.scandir(d / w) if e.is_file())
+        if path_kind(d / w) == "dir":
+            out.update(f"{w}/{e.name}" for e in scan(d / w) if entry_kind(e) == "file")
     return out
 
 

@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .cifar100 import load_cifar100
-from .common import ArrayImageDataset, LoadedData, sha256_bytes
+from .common import FROM_DATA_ROOT, ArrayImageDataset, LoadedData, sha256_bytes
 from .cub200 import load_cub200
 from .fashion_mnist import load_fashion_mnist
 from .imagenet_r import SPLITS, load_imagenet_r
@@ -98,15 +98,16 @@ class StreamInfo:
     num_train: int = 0
     num_test: int = 0
     location: str = ""                  # folder the data was read from
+    data_source: str = FROM_DATA_ROOT   # which copy: under the data root, or the system copy
     split_path: str | None = None       # ImageNet-R: split list used
     split: str | None = None            # ImageNet-R: "coda" | "stratified" | "file"
     split_hash: str | None = None       # ImageNet-R: hash of the split used (lists + label order)
     notes: list[str] = field(default_factory=list)
 
 
-def _load(dataset: str, data_root, split, split_file, download) -> LoadedData:
+def _load(dataset: str, data_root, split, split_file, download, system_copy) -> LoadedData:
     if dataset == "fashion_mnist":
-        return load_fashion_mnist(data_root, download=download)
+        return load_fashion_mnist(data_root, download=download, system_copy=system_copy)
     if dataset == "cifar100":
         return load_cifar100(data_root)
     if dataset == "imagenet_r":
@@ -132,13 +133,17 @@ def build_stream(dataset: str, *, data_root: str | os.PathLike | None = None, se
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  augment: str = "none", eval_resize: str = "resize",
                  subsample: Mapping[str, Any] | None = None, split: str | None = None,
-                 split_file: str | os.PathLike | None = None, download: bool = False) -> StreamInfo:
+                 split_file: str | os.PathLike | None = None, download: bool = False,
+                 system_copy: bool = True) -> StreamInfo:
     """Class-incremental train / test streams of ``dataset`` for one seed.
 
     ``mean`` / ``std`` default to 0 / 1 (no normalisation). ``subsample`` keys left out or None
     keep that split whole. Labels stay the reader's class ids (not remapped to the order); for
     ImageNet-R they follow the split's label order. ``split`` (``coda``, the default, or
     ``stratified``) and ``split_file`` choose ImageNet-R's split (``benchmarks.imagenet_r``).
+    ``system_copy=False`` forbids the system-wide copy of the data (Fashion-MNIST's
+    ``/usr/share/datasets/fashion-mnist``): give it for a data root the user named, which must
+    never be replaced silently. ``StreamInfo.data_source`` says which copy was read.
     """
     # argument errors before any disk work
     if dataset not in DATASETS:
@@ -156,7 +161,7 @@ def build_stream(dataset: str, *, data_root: str | os.PathLike | None = None, se
     if split is not None and split_file is not None:
         raise ValueError("give an ImageNet-R split or a split_file, not both")
     sub = _parse_subsample(subsample)
-    data = _load(dataset, data_root, split, split_file, download)
+    data = _load(dataset, data_root, split, split_file, download, system_copy)
     train, test = data.train, data.test
 
     if isinstance(train, ArrayImageDataset):
@@ -195,7 +200,7 @@ def build_stream(dataset: str, *, data_root: str | os.PathLike | None = None, se
     return StreamInfo(
         benchmark=benchmark, class_order=order, classes_per_task=chunks, num_classes=num_classes,
         data_hash=data_hash, dataset=dataset, class_names=data.class_names,
-        num_train=len(train), num_test=len(test), location=data.location,
+        num_train=len(train), num_test=len(test), location=data.location, data_source=data.source,
         split_path=data.split_path,
         split=("file" if split_file is not None else split or "coda") if imagenet else None,
         split_hash=data.fingerprint if imagenet else None, notes=list(data.notes),

@@ -12,6 +12,10 @@ on samples drawn from the statistics of every seen class, with CE over the seen 
 - `align_classifier`: the re-fit loop. Each epoch draws `samples_per_class` fresh samples per seen
   class, shuffles them and runs `iters_per_epoch` minibatches (the reference code runs "number of
   old classes" iterations, i.e. a random subset of the drawn samples; `None` = one pass over them).
+- `AlignmentStage`: the two together as the per-task stage a method holds, one per classifier it
+  re-fits, set up with the method's own knobs (HiDe-Prompt: the TII model and the main head;
+  VQ-Prompt and SMoPE: the head). After each task: statistics of the new classes, then, once there
+  are old classes, the re-fit over every seen class with one iteration per old class and epoch.
 
 Statistics live on the CPU (a CPU `torch.Generator` drives all randomness, so a run is
 reproducible on any device); samples are moved to `device` batch by batch.
@@ -19,8 +23,8 @@ reproducible on any device); samples are moved to `device` batch by batch.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, Iterable
+from dataclasses import dataclass, replace
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -252,3 +256,40 @@ def align_classifier(head: nn.Module, stats: ClassStatistics, classes: list[int]
             opt.step()
             step += 1
     head.train(was_training)
+
+
+class AlignmentStage:
+    """Class statistics of one classifier's input and that classifier's re-fit on samples of them,
+    as one component a method calls at the end of each task (`after_task`).
+
+    `config`: the re-fit's hyperparameters (its `iters_per_epoch` is set per task: one iteration
+    per old class, the HiDe / VQ / SMoPE code's loop); `covariance`, `n_centroids`, `eps`, `seed`:
+    the `ClassStatistics`. `generator` drives the re-fit's sampling: a generator the method seeds
+    once and keeps across tasks (SMoPE), or None for a fresh one per re-fit seeded from the global
+    torch RNG at that moment (HiDe, VQ), so the run's seed decides it either way.
+    """
+
+    def __init__(self, config: AlignmentConfig, *, covariance: str = "diag", n_centroids: int = 1,
+                 eps: float = 1e-4, seed: int = 0, generator: torch.Generator | None = None):
+        self.config = config
+        self.stats = ClassStatistics(covariance, n_centroids=n_centroids, eps=eps, seed=seed)
+        self.generator = generator
+
+    def after_task(self, classifier: nn.Module, features: Tensor, labels: Tensor,
+                   seen_classes: Sequence[int], current_classes: Sequence[int], *,
+                   device: str | torch.device = "cpu") -> bool:
+        """Update the statistics with the task's `features` / `labels` (its training images), then,
+        if `seen_classes` holds classes of earlier tasks, re-fit `classifier` on samples of every
+        seen class. Returns whether it re-fitted."""
+        self.stats.update(features, labels)
+        current = set(current_classes)
+        old = [c for c in seen_classes if c not in current]
+        if not old:
+            return False
+        generator = self.generator
+        if generator is None:
+            generator = torch.Generator().manual_seed(int(torch.randint(2 ** 31 - 1, (1,))))
+        align_classifier(classifier, self.stats, list(seen_classes),
+                         replace(self.config, iters_per_epoch=len(old)), generator=generator,
+                         device=device)
+        return True

@@ -17,6 +17,7 @@ trains its own head.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import pickle
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 import timm
 from huggingface_hub import constants as hub_constants
+from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
 from .vit import PromptedViT
@@ -157,10 +159,25 @@ def names() -> list[str]:
 
 
 def get_spec(name: str) -> BackboneSpec:
+    """The spec of backbone `name`, or of `name@<px>`: that backbone fed `px`-pixel inputs (a
+    multiple of its patch size), as timm builds a ViT at another `img_size`: the same weights with
+    the position embedding resampled to the new patch grid. Cheap real-architecture dry runs use
+    it (`sup21k@32`: ViT-B/16 on CIFAR's own 32 px, 2 x 2 patches)."""
+    base, at, size = name.partition("@")
     try:
-        return BACKBONES[name]
+        spec = BACKBONES[base]
     except KeyError:
-        raise BackboneError(f"unknown backbone {name!r}; valid: {', '.join(BACKBONES)}") from None
+        raise BackboneError(f"unknown backbone {name!r}; valid: {', '.join(BACKBONES)} "
+                            "(or NAME@PIXELS for another input size)") from None
+    if not at:
+        return spec
+    patch = spec.arch["patch_size"]
+    if not size.isdigit() or int(size) < patch or int(size) % patch:
+        raise BackboneError(f"backbone {name!r}: the input size after '@' must be a multiple of "
+                            f"{base}'s patch size {patch}, e.g. {base}@{2 * patch}")
+    px = int(size)
+    return dataclasses.replace(spec, name=name, arch={**spec.arch, "img_size": px}, image_size=px,
+                               description=f"{spec.description}, fed {px} px inputs")
 
 
 def build_architecture(name: str) -> VisionTransformer:
@@ -211,8 +228,8 @@ def _read_checkpoint(path: Path, how_to_get: str = "") -> dict:
     return sd
 
 
-def load_strict(vit: VisionTransformer, sd: dict, source: str) -> None:
-    """Load `sd` into `vit`, failing loudly on any missing or unexpected key or shape."""
+def check_keys(vit: VisionTransformer, sd: dict, source: str) -> None:
+    """Fail loudly unless `sd` has exactly `vit`'s keys and shapes (`vit` may be on `meta`)."""
     own = vit.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
@@ -224,6 +241,11 @@ def load_strict(vit: VisionTransformer, sd: dict, source: str) -> None:
             f"checkpoint {source} does not match the architecture: "
             f"missing keys [{show(missing)}]; unexpected keys [{show(unexpected)}]; "
             f"shape mismatches [{show(wrong)}]")
+
+
+def load_strict(vit: VisionTransformer, sd: dict, source: str) -> None:
+    """Load `sd` into `vit`, failing loudly on any missing or unexpected key or shape."""
+    check_keys(vit, sd, source)
     vit.load_state_dict(sd, strict=True)
 
 
@@ -299,17 +321,24 @@ def read_npz(path: str | os.PathLike, again: str = "download it again") -> dict:
     return vit.state_dict()
 
 
-def verify_checkpoint(name: str, path: str | os.PathLike) -> None:
-    """Raise `BackboneError` unless `path` loads strictly into backbone `name` (what `fetch`
-    asks of a checkpoint whose publisher states no checksum before it keeps it)."""
+def read_weights(name: str, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state dict of checkpoint `path`, converted for backbone `name` and checked against its
+    architecture (every key and shape); any problem is one `BackboneError` naming the file. What
+    `load` reads and what `fetch` asks of a checkpoint whose publisher states no checksum."""
     spec = get_spec(name)
-    vit = build_architecture(name)
     sd = spec.convert(_read_checkpoint(Path(path), spec.download_hint))
     odd = sorted(k for k, v in sd.items() if not isinstance(v, torch.Tensor))
     if odd:
         raise BackboneError(f"checkpoint {path}: entries {odd[:5]} are not tensors; it is not a "
-                            f"{spec.description} checkpoint")
-    load_strict(vit, sd, str(path))
+                            f"{spec.description} checkpoint: {spec.download_hint}")
+    sd = _fit_input_size(name, sd)
+    check_keys(skeleton(name), sd, str(path))
+    return sd
+
+
+def verify_checkpoint(name: str, path: str | os.PathLike) -> None:
+    """Raise `BackboneError` unless `path` loads strictly into backbone `name`."""
+    read_weights(name, path)
 
 
 def _hub_model(spec: BackboneSpec) -> VisionTransformer:
@@ -331,38 +360,54 @@ def _hub_model(spec: BackboneSpec) -> VisionTransformer:
                             f"({type(e).__name__}: {first}); {fetch}") from None
 
 
-@lru_cache(maxsize=4)
-def load(name: str, weights_dir: str | None = None, random_init: bool = False,
+def load(name: str, weights_dir: str | os.PathLike | None = None, random_init: bool = False,
          allow_download: bool = False) -> Backbone:
-    """Build backbone `name`, frozen, with its weights (cached per process: it is never mutated).
+    """Build backbone `name`, frozen, with its weights: a fresh module at every call, so a caller
+    may move, freeze or hook it without touching anyone else's copy. The weights are read (or
+    drawn) once per process and copied into each new module.
 
-    `random_init=True` skips the weights (cost measurement, tests): sha256 is "random-init".
+    `random_init=True` skips the checkpoint (cost measurement, tests, smoke runs): the weights
+    follow timm's ViT initialisation, drawn from a generator seeded by the backbone's name, so they
+    are the same in every process and loading never touches the global RNG; sha256 is
+    "random-init".
     """
     spec = get_spec(name)
+    sd, sha256, source = _weights(name, None if weights_dir is None else str(weights_dir),
+                                  bool(random_init), bool(allow_download))
+    vit = skeleton(name).to_empty(device="cpu")
+    vit.load_state_dict(sd, strict=True)
+    return Backbone(name, PromptedViT(vit), spec, sha256, source)
+
+
+def skeleton(name: str) -> VisionTransformer:
+    """The backbone's architecture on the `meta` device: every shape, no memory, no weights, no
+    random draw (what counting parameters or building a module to load into needs)."""
+    with torch.device("meta"):
+        return VisionTransformer(**get_spec(name).arch, weight_init="skip")
+
+
+@lru_cache(maxsize=4)
+def _weights(name: str, weights_dir: str | None, random_init: bool,
+             allow_download: bool) -> tuple[dict[str, torch.Tensor], str, str]:
+    """(state dict matching `skeleton(name)`, checkpoint sha256, source) of `load`; cached, and
+    never handed out: `load` copies it into a new module."""
+    spec = get_spec(name)
     if random_init:
-        torch.manual_seed(0)
-        vit = build_architecture(name)
-        return Backbone(name, PromptedViT(vit), spec, "random-init", "random-init")
+        return random_weights(name), "random-init", "random-init"
     path, tried = find_weights(name, weights_dir)
     if path is not None:
-        vit = build_architecture(name)
-        sd = spec.convert(_read_checkpoint(path, spec.download_hint))
-        odd = sorted(k for k, v in sd.items() if not isinstance(v, torch.Tensor))
-        if odd:
-            raise BackboneError(f"checkpoint {path}: entries {odd[:5]} are not tensors; it is not a "
-                                f"{spec.description} checkpoint: {spec.download_hint}")
-        load_strict(vit, sd, str(path))
-        return Backbone(name, PromptedViT(vit), spec, sha256_file(path), str(path))
+        sd = read_weights(name, path)
+        return sd, sha256_file(path), str(path)
     if allow_download and spec.timm_name:
         hub = _hub_model(spec)
-        vit = build_architecture(name)
-        load_strict(vit, _drop_heads(hub.state_dict()), f"timm hub {spec.timm_name}")
+        source = f"timm hub {spec.timm_name}"
+        sd = _fit_input_size(name, _drop_heads(hub.state_dict()))
+        check_keys(skeleton(name), sd, source)
         digest = hashlib.sha256()
-        for k, v in sorted(vit.state_dict().items()):
+        for k, v in sorted(sd.items()):
             digest.update(k.encode())
             digest.update(v.detach().cpu().contiguous().numpy().tobytes())
-        return Backbone(name, PromptedViT(vit), spec, "tensors:" + digest.hexdigest(),
-                        f"timm hub {spec.timm_name}")
+        return sd, "tensors:" + digest.hexdigest(), source
     folder = Path(weights_dir or "pretrained")
     how = (f"`python run_suite.py fetch --backbones {name} --weights-dir {folder}` downloads it as "
            f"{folder / spec.files[0]}; or save {spec.download_hint} under one of those names")
@@ -370,3 +415,62 @@ def load(name: str, weights_dir: str | None = None, random_init: bool = False,
         how += "; or pass --allow-download to fetch it from the timm hub"
     raise BackboneError(
         f"no weights for backbone {name!r}: looked for {', '.join(str(p) for p in tried)}; {how}")
+
+
+def _fit_input_size(name: str, sd: dict) -> dict:
+    """For `name@<px>`: the checkpoint's position embedding resampled (bicubic, timm's
+    `resample_abs_pos_embed`) to the patch grid of that input size; other names: `sd` as is."""
+    if "@" not in name or "pos_embed" not in sd:
+        return sd
+    vit = skeleton(name)
+    if tuple(sd["pos_embed"].shape) == tuple(vit.pos_embed.shape):
+        return sd
+    pos = resample_abs_pos_embed(sd["pos_embed"], new_size=list(vit.patch_embed.grid_size),
+                                 num_prefix_tokens=vit.num_prefix_tokens)
+    return {**sd, "pos_embed": pos}
+
+
+def _name_seed(name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"promptcl-random-init:{name}".encode()).digest()[:8], "little")
+
+
+def random_weights(name: str) -> dict[str, torch.Tensor]:
+    """Random weights for backbone `name`, distributed as timm's ViT initialisation (its default
+    mode: Linear weights and `pos_embed` truncated normal, std .02, within +-2; Linear biases 0;
+    `cls_token` normal, std 1e-6; LayerNorm 1 and 0; the patch-embedding convolution as PyTorch
+    initialises a Conv2d), drawn from a `torch.Generator` seeded by the name.
+
+    Written out because timm's initialisers draw from the global RNG and take no generator:
+    building through them would consume (or need to reseed) the caller's random stream."""
+    g = torch.Generator().manual_seed(_name_seed(name))
+    vit = skeleton(name).to_empty(device="cpu")
+    init = torch.nn.init
+    with torch.no_grad():
+        for module_name, module in vit.named_modules():
+            own = list(module.named_parameters(recurse=False))
+            if not own:
+                continue
+            if isinstance(module, torch.nn.Linear):
+                init.trunc_normal_(module.weight, std=0.02, a=-2.0, b=2.0, generator=g)
+                if module.bias is not None:
+                    init.zeros_(module.bias)
+            elif isinstance(module, torch.nn.LayerNorm):
+                init.ones_(module.weight)
+                init.zeros_(module.bias)
+            elif isinstance(module, torch.nn.Conv2d):
+                init.kaiming_uniform_(module.weight, a=5 ** 0.5, generator=g)
+                if module.bias is not None:
+                    fan_in = module.weight[0].numel()
+                    init.uniform_(module.bias, -fan_in ** -0.5, fan_in ** -0.5, generator=g)
+            elif module is vit:
+                for pname, p in own:
+                    if pname == "pos_embed":
+                        init.trunc_normal_(p, std=0.02, a=-2.0, b=2.0, generator=g)
+                    elif pname == "cls_token":
+                        init.normal_(p, std=1e-6, generator=g)
+                    else:
+                        raise BackboneError(f"random_weights({name!r}): no initialiser for {pname}")
+            else:
+                raise BackboneError(f"random_weights({name!r}): no initialiser for module "
+                                    f"{module_name} ({type(module).__name__})")
+    return vit.state_dict()

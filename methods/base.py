@@ -45,16 +45,66 @@ from .vit import PromptedViT
 
 #: metadata flag of a hyperparameter added after records were published (see `added_hparam`)
 KEYLESS_DEFAULT = "keyless_default"
+#: metadata key of a hyperparameter's allowed values (see `hparam`)
+LIMITS = "limits"
 
 
-def added_hparam(default: Any) -> Any:
+@dataclass(frozen=True)
+class Limits:
+    """The values a hyperparameter may take. A bound is a number or the name of another field of
+    the same Hparams (`top_k <= pool_size`); for a list or tuple value every item is checked."""
+    ge: float | str | None = None
+    gt: float | str | None = None
+    le: float | str | None = None
+    lt: float | str | None = None
+    choices: tuple | None = None
+
+    _OPS = (("ge", ">=", float.__ge__), ("gt", ">", float.__gt__), ("le", "<=", float.__le__),
+            ("lt", "<", float.__lt__))
+
+    def check(self, name: str, value: Any, hp: Any) -> None:
+        """Raise ValueError naming `name` unless `value` is allowed (`hp`: the whole Hparams)."""
+        items = value if isinstance(value, (list, tuple)) else [value]
+        what = f"{name} (each item)" if isinstance(value, (list, tuple)) else name
+        for v in items:
+            if self.choices is not None and v not in self.choices:
+                raise ValueError(f"{what} must be one of {', '.join(map(str, self.choices))}, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            if not math.isfinite(v):
+                raise ValueError(f"{what} must be a finite number, got {v}")
+            for attr, sign, holds in self._OPS:
+                bound = getattr(self, attr)
+                shown = f"{bound} ({getattr(hp, bound)})" if isinstance(bound, str) else bound
+                if isinstance(bound, str):
+                    bound = getattr(hp, bound)
+                if bound is not None and not holds(float(v), float(bound)):
+                    raise ValueError(f"{what} must be {sign} {shown}, got {v}")
+
+
+def hparam(default: Any = MISSING, *, default_factory: Any = MISSING, ge: float | str | None = None,
+           gt: float | str | None = None, le: float | str | None = None,
+           lt: float | str | None = None, choices: tuple | None = None, added: bool = False) -> Any:
+    """A dataclass field for a hyperparameter, with the values it may take (`Limits`), which
+    `Hparams.__post_init__` checks for every method alike: a bad `--set` or YAML value is refused
+    before any run, naming the key. `added=True` is `added_hparam`.
+
+    A subclass that redeclares the field with a new default keeps the limits declared above it
+    (`epochs: int = 50` in a method's Hparams is still `>= 1`)."""
+    metadata: dict[str, Any] = {LIMITS: Limits(ge, gt, le, lt, tuple(choices) if choices else None)}
+    if added:
+        metadata[KEYLESS_DEFAULT] = True
+    return field(default=default, default_factory=default_factory, metadata=metadata)
+
+
+def added_hparam(default: Any, **limits: Any) -> Any:
     """A dataclass field for a hyperparameter added to a method after its records were published.
 
     Its default is left out of the resolved hyperparameters (`hparams_key_dict`), so the run keys
     of the published records (the hash of the resolved spec) stay what they were, and a run at the
     default is the same run as before; any other value is written out, so such a run gets its own
-    key and its own labelled row."""
-    return field(default=default, metadata={KEYLESS_DEFAULT: True})
+    key and its own labelled row. `limits` as for `hparam`."""
+    return hparam(default, added=True, **limits)
 
 
 def hparams_key_dict(hp: Any) -> dict[str, Any]:
@@ -67,34 +117,39 @@ def hparams_key_dict(hp: Any) -> dict[str, Any]:
     return out
 
 
+def check_hparams(hp: Any) -> None:
+    """Every number finite, and every field within the `Limits` declared for it, here or in a
+    base class (`hparam`); ValueError naming the first field that is not."""
+    declared: dict[str, Limits] = {}
+    for cls in reversed(type(hp).__mro__):  # the most derived declaration wins
+        for f in getattr(cls, "__dataclass_fields__", {}).values():
+            if LIMITS in f.metadata:
+                declared[f.name] = f.metadata[LIMITS]
+    for f in fields(hp):
+        declared.get(f.name, Limits()).check(f.name, getattr(hp, f.name), hp)
+
+
 @dataclass
 class Hparams:
-    """Training hyperparameters shared by every method (each method extends this dataclass)."""
-    epochs: int = 5
-    batch_size: int = 32
-    lr: float = 1e-3
-    optimizer: str = "adam"  # adam | adamw | sgd
-    weight_decay: float = 0.0
-    momentum: float = 0.9  # sgd only
-    schedule: str = "cosine"  # cosine (per iteration, to 0) | constant
-    clip_grad: float = 0.0  # max grad norm; 0 = off
+    """Training hyperparameters shared by every method (each method extends this dataclass).
+
+    Declare a method's own fields with `hparam(default, ge=..., ...)` (or `added_hparam`): the
+    checks run here, for every method."""
+    epochs: int = hparam(5, ge=1)
+    batch_size: int = hparam(32, ge=1)
+    lr: float = hparam(1e-3, gt=0)
+    optimizer: str = hparam("adam", choices=("adam", "adamw", "sgd"))
+    weight_decay: float = hparam(0.0, ge=0)
+    momentum: float = hparam(0.9, ge=0, le=1)  # sgd only
+    # cosine (per iteration, to 0) | constant
+    schedule: str = hparam("cosine", choices=("cosine", "constant"))
+    clip_grad: float = hparam(0.0, ge=0)  # max grad norm; 0 = off
     # what the method adds (prompts, keys, ...) trains at lr * prompt_lr_mult, the head at lr;
     # 1.0 = one group (HiDe-Prompt, VQ-Prompt and SMoPE code run prompts at 5x)
-    prompt_lr_mult: float = 1.0
+    prompt_lr_mult: float = hparam(1.0, ge=0)
 
     def __post_init__(self):
-        if self.optimizer not in ("adam", "adamw", "sgd"):
-            raise ValueError(f"optimizer must be adam, adamw or sgd, got {self.optimizer!r}")
-        if self.schedule not in ("cosine", "constant"):
-            raise ValueError(f"schedule must be cosine or constant, got {self.schedule!r}")
-        for name, value, least in (("epochs", self.epochs, 1), ("batch_size", self.batch_size, 1)):
-            if value < least:
-                raise ValueError(f"{name} must be at least {least}, got {value}")
-        for name, positive in (("lr", True), ("weight_decay", False), ("momentum", False),
-                               ("clip_grad", False), ("prompt_lr_mult", False)):
-            value = getattr(self, name)
-            if not (value > 0 if positive else value >= 0) or value == float("inf"):  # NaN fails too
-                raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} 0, got {value}")
+        check_hparams(self)
 
 
 class PromptModel(nn.Module):

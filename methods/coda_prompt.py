@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Hparams, PromptModel, PromptStrategy
+from .base import Hparams, PromptModel, PromptStrategy, hparam
 from .registry import register
 from .vit import PromptedViT
 
@@ -34,11 +34,11 @@ class CodaHparams(Hparams):
     batch_size: int = 128
     lr: float = 1e-3
     schedule: str = "cosine"
-    n_components: int = 100  # M per layer, split evenly over the tasks
-    n_tasks: int = 10  # T of the protocol (the slicing needs it up front, as in the code)
-    prompt_length: int = 8  # tokens per component: 4 key + 4 value
-    layers: tuple[int, ...] = (0, 1, 2, 3, 4)
-    ortho_weight: float = 0.0  # mu of the orthogonality penalty (current code 0.0, paper 0.1)
+    n_components: int = hparam(100, ge=1)  # M per layer, split evenly over the tasks
+    n_tasks: int = hparam(10, ge=1)  # T of the protocol (the slicing needs it up front, as in the code)
+    prompt_length: int = hparam(8, ge=2)  # tokens per component: 4 key + 4 value
+    layers: tuple[int, ...] = hparam((0, 1, 2, 3, 4), ge=0)
+    ortho_weight: float = hparam(0.0, ge=0)  # mu of the orthogonality penalty (current code 0.0, paper 0.1)
 
 
 def gram_schmidt(new: Tensor, old: Tensor) -> Tensor:

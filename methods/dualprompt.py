@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Hparams, PromptModel, PromptStrategy, ReferenceTest, added_hparam
+from .base import Hparams, PromptModel, PromptStrategy, ReferenceTest, added_hparam, hparam
 from .l2p import check_prompt_init, init_uniform  # one codebase (google-research/l2p)
 from .reference_modes import batch_vote, mix_prefix_halves
 from .registry import register
@@ -35,12 +35,12 @@ class DualPromptHparams(Hparams):
     lr: float = 0.015
     schedule: str = "constant"
     clip_grad: float = 1.0
-    g_length: int = 5  # G-prompt: g_length key + g_length value tokens per layer
-    g_layers: tuple[int, ...] = (0, 1)
-    e_length: int = 5  # E-prompt: 5 (CIFAR) or 20 (ImageNet-R, CUB), K and V each
-    e_layers: tuple[int, ...] = (2, 3, 4)
-    pool_size: int = 10  # one E-prompt per task: must be >= the number of tasks
-    pull_coeff: float = 1.0
+    g_length: int = hparam(5, ge=1)  # G-prompt: g_length key + g_length value tokens per layer
+    g_layers: tuple[int, ...] = hparam((0, 1), ge=0)
+    e_length: int = hparam(5, ge=1)  # E-prompt: 5 (CIFAR) or 20 (ImageNet-R, CUB), K and V each
+    e_layers: tuple[int, ...] = hparam((2, 3, 4), ge=0)
+    pool_size: int = hparam(10, ge=1)  # one E-prompt per task: must be >= the number of tasks
+    pull_coeff: float = hparam(1.0, ge=0)
     # G/E prompt and key init: "uniform" = U[-1, 1] (dualprompt-pytorch); "flax" = U[0, 0.01), the
     # official JAX code's `nn.initializers.uniform()` (prefix, prompt pool and keys)
     prompt_init: str = "uniform"

@@ -58,14 +58,14 @@ pass, so 2 passes per training image (the poster counts 1, as if stage 1 were fr
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .alignment import AlignmentConfig, ClassStatistics, align_classifier, collect_features
-from .base import Hparams, PromptModel, PromptStrategy, ReferenceTest, TaskStages, added_hparam
+from .alignment import AlignmentConfig, AlignmentStage, collect_features
+from .base import Hparams, PromptModel, PromptStrategy, ReferenceTest, TaskStages, added_hparam, hparam
 from .reference_modes import batch_vote, mix_prefix_halves
 from .registry import register
 from .vit import PromptedViT
@@ -81,32 +81,32 @@ class HiDeHparams(Hparams):
     weight_decay: float = 0.0
     schedule: str = "cosine"
     clip_grad: float = 1.0
-    pool_size: int = 10  # one E-prompt per task: must be >= the number of tasks
-    prompt_length: int = 5  # L key + L value tokens per layer
-    prompt_layers: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
-    head_lr_mult: float = 0.1  # --larger_prompt_lr: the head at 0.1x the prompt lr
-    reg: float = 0.1  # weight of the contrastive term
-    contrast_tau: float = 0.8
-    prompt_momentum: float = 0.01
-    n_centroids: int = 10  # k-means centroids per class, both statistics
-    tap_epochs: int = 30
-    tap_samples_per_class: int = 1200  # 120 per centroid; also the batch (per centroid x 1)
-    tap_batch_size: int = 120
-    tap_lr: float = 0.005
+    pool_size: int = hparam(10, ge=1)  # one E-prompt per task: must be >= the number of tasks
+    prompt_length: int = hparam(5, ge=1)  # L key + L value tokens per layer
+    prompt_layers: list[int] = hparam(default_factory=lambda: [0, 1, 2, 3, 4], ge=0)
+    head_lr_mult: float = hparam(0.1, ge=0)  # --larger_prompt_lr: the head at 0.1x the prompt lr
+    reg: float = hparam(0.1, ge=0)  # weight of the contrastive term
+    contrast_tau: float = hparam(0.8, gt=0)
+    prompt_momentum: float = hparam(0.01, ge=0, le=1)
+    n_centroids: int = hparam(10, ge=1)  # k-means centroids per class, both statistics
+    tap_epochs: int = hparam(30, ge=0)
+    tap_samples_per_class: int = hparam(1200, ge=1)  # 120 per centroid; also the batch (per centroid x 1)
+    tap_batch_size: int = hparam(120, ge=1)
+    tap_lr: float = hparam(0.005, gt=0)
     # stage 1 (TII)
-    tii_epochs: int = 20
-    tii_batch_size: int = 192
-    tii_lr: float = 4.6875e-5  # 0.0005 x 24/256
-    tii_clip_grad: float = 1.0
-    tii_hidden_mult: int = 2  # MLP D -> 2D -> D
+    tii_epochs: int = hparam(20, ge=0)
+    tii_batch_size: int = hparam(192, ge=1)
+    tii_lr: float = hparam(4.6875e-5, gt=0)  # 0.0005 x 24/256
+    tii_clip_grad: float = hparam(1.0, ge=0)
+    tii_hidden_mult: int = hparam(2, ge=1)  # MLP D -> 2D -> D
     # True: one frozen pass per task (train transform) reused by every stage-1 epoch and the
     # stage-1 statistics; the same numbers as the code's pass per epoch + eval-transform pass
     # when both transforms are the same deterministic one (fmnist-5t: no augmentation)
     tii_cache_features: bool = False
-    tii_align_epochs: int = 30
-    tii_align_samples_per_class: int = 240  # 24 per centroid
-    tii_align_batch_size: int = 24
-    tii_align_lr: float = 4.6875e-4  # 0.005 x 24/256
+    tii_align_epochs: int = hparam(30, ge=0)
+    tii_align_samples_per_class: int = hparam(240, ge=1)  # 24 per centroid
+    tii_align_batch_size: int = hparam(24, ge=1)
+    tii_align_lr: float = hparam(4.6875e-4, gt=0)  # 0.005 x 24/256
     # training and statistics as the code: prefix halves mixed across the batch by its reshape
     # (reference mode `prefix_mixing`); evaluation stays per sample unless the mode is on
     prefix_mixing: bool = added_hparam(False)
@@ -225,8 +225,17 @@ class HiDePrompt(PromptStrategy):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         hp = self.hp
-        self.tii_stats = ClassStatistics("diag", n_centroids=hp.n_centroids, eps=1e-4)
-        self.stats = ClassStatistics("diag", n_centroids=hp.n_centroids, eps=1e-4)
+        # stage 1's re-fit of the TII model and TAP's re-fit of the main head (SGD, cosine)
+        self.tii_alignment = AlignmentStage(
+            AlignmentConfig(epochs=hp.tii_align_epochs, samples_per_class=hp.tii_align_samples_per_class,
+                            batch_size=hp.tii_align_batch_size, lr=hp.tii_align_lr, optimizer="sgd",
+                            momentum=0.9, weight_decay=0.0, schedule="cosine"),
+            n_centroids=hp.n_centroids)
+        self.tap = AlignmentStage(
+            AlignmentConfig(epochs=hp.tap_epochs, samples_per_class=hp.tap_samples_per_class,
+                            batch_size=hp.tap_batch_size, lr=hp.tap_lr, optimizer="sgd", momentum=0.9,
+                            weight_decay=0.0, schedule="cosine"),
+            n_centroids=hp.n_centroids)
 
     @classmethod
     def stream_hparams(cls, num_tasks: int, classes_per_task: list[int]) -> dict:
@@ -267,9 +276,6 @@ class HiDePrompt(PromptStrategy):
     def _old_classes(self) -> list[int]:
         return [c for c in self.seen_classes if c not in self.current_classes]
 
-    def _generator(self) -> torch.Generator:
-        return torch.Generator().manual_seed(int(torch.randint(2 ** 31 - 1, (1,))))
-
     def _train_tii(self) -> None:
         """Stage 1 for the current task: CE on its classes, statistics, re-fit on seen classes."""
         hp, m = self.hp, self.model
@@ -298,16 +304,8 @@ class HiDePrompt(PromptStrategy):
                 opt.step()
         feats, labels = cached if hp.tii_cache_features else collect_features(
             m.vit.query, self.loader(data))
-        self.tii_stats.update(feats, labels)
-        old = self._old_classes()
-        if old:
-            cfg = AlignmentConfig(epochs=hp.tii_align_epochs,
-                                  samples_per_class=hp.tii_align_samples_per_class,
-                                  batch_size=hp.tii_align_batch_size, iters_per_epoch=len(old),
-                                  lr=hp.tii_align_lr, optimizer="sgd", momentum=0.9,
-                                  weight_decay=0.0, schedule="cosine")
-            align_classifier(tii, self.tii_stats, self.seen_classes, cfg,
-                             generator=self._generator(), device=self.device)
+        self.tii_alignment.after_task(tii, feats, labels, self.seen_classes, self.current_classes,
+                                      device=self.device)
         tii.eval()
 
     def aux_loss(self) -> Tensor | None:
@@ -317,13 +315,13 @@ class HiDePrompt(PromptStrategy):
             return None
         old = self._old_classes()
         if old:
-            f = torch.cat([self.stats.means(old).to(f.device, f.dtype), f])
+            f = torch.cat([self.tap.stats.means(old).to(f.device, f.dtype), f])
         sim = f @ f.T / self.hp.contrast_tau
         return self.hp.reg * F.cross_entropy(sim, torch.arange(f.shape[0], device=f.device))
 
     def task_end(self) -> None:
         """Fix P_t to its blend, instructed statistics, then (t > 0) TAP: re-fit the main head."""
-        t, m, hp = self.task_id, self.model, self.hp
+        t, m = self.task_id, self.model
         with torch.no_grad():
             m.prompts[t].copy_(m.training_prompt(t))
         prompt = m.prompts[t].detach()
@@ -333,15 +331,8 @@ class HiDePrompt(PromptStrategy):
                               batch_size=hp.batch_size if hp.prefix_mixing else None)
         feats, labels = collect_features(lambda x: m.prompted(x, prompt, mixing=hp.prefix_mixing),
                                          batches)
-        self.stats.update(feats, labels)
-        old = self._old_classes()
-        if old:
-            cfg = AlignmentConfig(epochs=hp.tap_epochs, samples_per_class=hp.tap_samples_per_class,
-                                  batch_size=hp.tap_batch_size, iters_per_epoch=len(old),
-                                  lr=hp.tap_lr, optimizer="sgd", momentum=0.9, weight_decay=0.0,
-                                  schedule="cosine")
-            align_classifier(m.head, self.stats, self.seen_classes, cfg,
-                             generator=self._generator(), device=self.device)
+        self.tap.after_task(m.head, feats, labels, self.seen_classes, self.current_classes,
+                            device=self.device)
 
     def cost_forward(self, x: Tensor, training: bool) -> Tensor:
         """One image as in training (frozen pass for stage 1 + prompted pass with the task's

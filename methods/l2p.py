@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Hparams, PromptModel, PromptStrategy, ReferenceTest, added_hparam
+from .base import Hparams, PromptModel, PromptStrategy, ReferenceTest, added_hparam, hparam
 from .reference_modes import batch_vote
 from .registry import register
 from .vit import PromptedViT
@@ -31,17 +31,17 @@ class L2PHparams(Hparams):
     lr: float = 0.015
     schedule: str = "constant"
     clip_grad: float = 1.0
-    pool_size: int = 10  # M prompts in the pool
-    prompt_length: int = 5  # Lp tokens per prompt
-    top_k: int = 5  # N prompts selected per image
-    pull_coeff: float = 0.1  # lambda of the key pull loss
+    pool_size: int = hparam(10, ge=1)  # M prompts in the pool
+    prompt_length: int = hparam(5, ge=1)  # Lp tokens per prompt
+    top_k: int = hparam(5, ge=1, le="pool_size")  # N prompts selected per image
+    pull_coeff: float = hparam(0.1, ge=0)  # lambda of the key pull loss
     # prompt and key init: "uniform" = U[-1, 1] (l2p-pytorch); "flax" = U[0, 0.01), the official
     # JAX code's `nn.initializers.uniform()` (its `initializer="uniform"`, `prompt_key_init="uniform"`)
     prompt_init: str = "uniform"
     # training as the official code: 0 = per-sample selection; n > 0 = every n consecutive images
     # of a training batch take the prompt set they vote for (reference mode `batch_vote`), n = the
     # code's per-device batch (16: l2p-pytorch configs/cifar100_l2p.py:4, JAX configs/cifar100_l2p.py:25)
-    batch_vote: int = added_hparam(0)
+    batch_vote: int = added_hparam(0, ge=0)
 
     def __post_init__(self):
         super().__post_init__()

@@ -23,6 +23,7 @@ import importlib
 import importlib.util
 import pkgutil
 import sys
+import types
 import typing
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -35,7 +36,8 @@ ENTRY_POINT_GROUP = "promptcl.methods"
 _ROLE_ORDER = {"lower bound": 0, "upper bound": 1, "method": 2}
 
 _REGISTRY: dict[str, type[PromptStrategy]] = {}
-_discovered = False
+#: "new" (not yet, or the last try failed), "running", "done"
+_discovery = "new"
 
 
 class UnknownMethodError(KeyError):
@@ -67,19 +69,70 @@ def register(name: str):
     return wrap
 
 
-def _discover() -> None:
-    """Import every module of this package and the installed entry points, once."""
-    global _discovered
-    if _discovered:
+def discover() -> None:
+    """Import every module of this package, then every installed `promptcl.methods` entry point.
+
+    All or nothing: an entry point that fails to import (or registers nothing, or takes a used
+    name) is one `PluginError` naming its distribution and the error, the entry points' methods
+    are taken out again (no partial registry), and the next call tries again, so every command
+    that asks the registry gets the same error until the distribution is fixed or uninstalled."""
+    global _discovery
+    if _discovery != "new":  # done, or a plugin asking the registry while discovery imports it
         return
-    _discovered = True
-    package = importlib.import_module(__package__)
-    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
-        importlib.import_module(f"{__package__}.{info.name}")
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
+    _discovery = "running"
+    try:
+        package = importlib.import_module(__package__)
+        for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+            importlib.import_module(f"{__package__}.{info.name}")
+        before = dict(_REGISTRY)
+        try:
+            for ep in entry_points(group=ENTRY_POINT_GROUP):
+                _register_entry_point(ep)
+        except PluginError:
+            _REGISTRY.clear()
+            _REGISTRY.update(before)
+            raise
+    except BaseException:
+        _discovery = "new"
+        raise
+    _discovery = "done"
+
+
+def _distribution(ep) -> str:
+    dist = getattr(ep, "dist", None)
+    name = dist.metadata["Name"] if dist is not None else None
+    return f"distribution {name!r}" if name else "an unknown distribution"
+
+
+def _register_entry_point(ep) -> None:
+    """Register what entry point `ep` names: a PromptStrategy subclass (under the entry point's
+    name) or a module (its own `@register` classes)."""
+    where = f"entry point {ep.name!r} ({ep.value}) of the installed {_distribution(ep)}"
+    try:
         obj = ep.load()
-        if isinstance(obj, type) and issubclass(obj, PromptStrategy) and obj.name != ep.name:
-            register(ep.name)(obj)
+    except Exception as e:  # the plugin's own code failed: its owner (or pip uninstall) can fix it
+        raise PluginError(f"{where} failed to import: {type(e).__name__}: {e}; fix or uninstall "
+                          "that distribution") from e
+    try:
+        if isinstance(obj, type) and issubclass(obj, PromptStrategy):
+            if _REGISTRY.get(ep.name) is not obj:
+                register(ep.name)(obj)
+        elif isinstance(obj, types.ModuleType):
+            # its @register decorators ran when it was first imported; after a failed discovery
+            # was rolled back, the module is not imported again, so register its classes here
+            for cls in vars(obj).values():
+                own = vars(cls).get("name") if isinstance(cls, type) else None
+                if (own and issubclass(cls, PromptStrategy) and cls.__module__ == obj.__name__
+                        and _REGISTRY.get(own) is not cls):
+                    register(own)(cls)
+            if not any(c.__module__ == obj.__name__ for c in _REGISTRY.values()):
+                raise PluginError("it registered no method (decorate a PromptStrategy subclass "
+                                  "with @register('name'))")
+        else:
+            raise PluginError(f"it names a {type(obj).__name__}, not a PromptStrategy subclass "
+                              "or a module")
+    except PluginError as e:
+        raise PluginError(f"{where}: {e}") from None
 
 
 def load_plugin(spec: str) -> list[str]:
@@ -87,7 +140,7 @@ def load_plugin(spec: str) -> list[str]:
 
     A file is imported once per path (as `promptcl_plugin_<stem>_<hash of the path>`), so loading
     it twice is harmless and two files with the same name never shadow each other."""
-    _discover()
+    discover()
     path = Path(spec)
     before = set(_REGISTRY)
     if spec.endswith(".py") or path.is_file():
@@ -137,12 +190,12 @@ def _forget(before: set[str]) -> None:
 def names() -> list[str]:
     """Registered method names: the references (lower, then upper bound), then the methods,
     alphabetically."""
-    _discover()
+    discover()
     return sorted(_REGISTRY, key=lambda n: (_ROLE_ORDER.get(_REGISTRY[n].role, 2), n))
 
 
 def get(name: str) -> type[PromptStrategy]:
-    _discover()
+    discover()
     try:
         return _REGISTRY[name]
     except KeyError:

@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .alignment import AlignmentConfig, ClassStatistics, align_classifier, collect_features
-from .base import Hparams, PromptModel, PromptStrategy, TaskStages
+from .alignment import AlignmentConfig, AlignmentStage, collect_features
+from .base import Hparams, PromptModel, PromptStrategy, TaskStages, hparam
 from .registry import register
 from .vit import PromptedViT
 
@@ -59,39 +59,34 @@ class SMoPEHparams(Hparams):
     optimizer: str = "adamw"
     prompt_lr_mult: float = 5.0  # "HiDe-Prompt larger prompt lr" in the code
     # -- experts
-    layers: list[int] | None = None  # prompted blocks; None = first half (0-5 of ViT-B/16)
-    num_experts: int = 25  # N_p per head per layer
-    top_k: int = 5  # K experts kept per image, layer and head
+    # prompted blocks; None = first half (0-5 of ViT-B/16)
+    layers: list[int] | None = hparam(None, ge=0)
+    num_experts: int = hparam(25, ge=1)  # N_p per head per layer
+    top_k: int = hparam(5, ge=1, le="num_experts")  # K experts kept per image, layer and head
     # -- components (the ablation switches)
     aggregate: bool = True  # score aggregation; False = per-token scores (plain prefix attention)
     sparse: bool = True  # top-K expert selection; False = every expert at every step
     noise: bool = True  # adaptive noise on frequently used experts (selection, training only)
-    eps: float = 0.4  # noise strength, also the router loss margin (code: one eps for both)
-    noise_threshold: str = "code"  # "code": mean over experts with F > 0 | "paper": over all N_p
+    eps: float = hparam(0.4, ge=0)  # noise strength, also the router loss margin (code: one eps)
+    # "code": mean over experts with F > 0 | "paper": over all N_p
+    noise_threshold: str = hparam("code", choices=("code", "paper"))
     exclude_unused: bool = False  # test routing: True = the code's F = 0 exclusion (see SMoPE)
     dense_warmup: bool = True  # task 0: int(E/2) epochs with every expert before sparse training
     router_loss: bool = True
-    alpha_router: float = 1e-5
+    alpha_router: float = hparam(1e-5, ge=0)
     proto_loss: bool = True
-    alpha_proto: float = 1e-5
+    alpha_proto: float = hparam(1e-5, ge=0)
     alignment: bool = True  # classifier alignment after every task >= 1
     # -- classifier alignment (code: crct_epochs, ca_batch_size_ratio, ca_lr / 10, ca_weight_decay)
-    ca_epochs: int = 50
-    ca_batch_ratio: int = 1  # samples per class per epoch = minibatch = batch_size * ratio
-    ca_lr: float = 1e-5  # the code's effective rate, ca_lr / 10, cosine to ca_min_lr per iteration
-    ca_min_lr: float = 1e-6
-    ca_weight_decay: float = 5e-4
+    ca_epochs: int = hparam(50, ge=0)
+    ca_batch_ratio: int = hparam(1, ge=1)  # samples per class per epoch = minibatch = batch * ratio
+    # the code's effective rate, ca_lr / 10, cosine to ca_min_lr per iteration
+    ca_lr: float = hparam(1e-5, gt=0)
+    ca_min_lr: float = hparam(1e-6, ge=0, le="ca_lr")
+    ca_weight_decay: float = hparam(5e-4, ge=0)
     # -- implementation
-    attn_impl: str = "fused"  # "fused": F.scaled_dot_product_attention | "reference": explicit
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"top_k must be in 1..num_experts={self.num_experts}, got {self.top_k}")
-        if self.noise_threshold not in ("code", "paper"):
-            raise ValueError(f"noise_threshold must be 'code' or 'paper', got {self.noise_threshold!r}")
-        if self.attn_impl not in ("fused", "reference"):
-            raise ValueError(f"attn_impl must be 'fused' or 'reference', got {self.attn_impl!r}")
+    # "fused": F.scaled_dot_product_attention | "reference": explicit
+    attn_impl: str = hparam("fused", choices=("fused", "reference"))
 
 
 class Routing(NamedTuple):
@@ -368,10 +363,15 @@ class SMoPE(PromptStrategy):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        # Seeded from the run's torch seed, so the alignment samples are reproducible.
+        # Seeded from the run's torch seed, so the alignment samples are reproducible; per epoch
+        # batch * ratio samples per class, also the minibatch
         self.seed = torch.initial_seed() % (2 ** 31)
-        self.stats = ClassStatistics(covariance="diag", n_centroids=1, eps=1e-4, seed=self.seed)
-        self.generator = torch.Generator().manual_seed(self.seed)
+        hp, n = self.hp, self.hp.batch_size * self.hp.ca_batch_ratio
+        self.alignment = AlignmentStage(
+            AlignmentConfig(epochs=hp.ca_epochs, samples_per_class=n, batch_size=n, lr=hp.ca_lr,
+                            optimizer="adamw", weight_decay=hp.ca_weight_decay, schedule="cosine",
+                            min_lr=hp.ca_min_lr),
+            seed=self.seed, generator=torch.Generator().manual_seed(self.seed))
 
     def build_model(self, vit: PromptedViT, num_classes: int) -> SMoPEModel:
         return SMoPEModel(vit, num_classes, self.hp)
@@ -453,15 +453,6 @@ class SMoPE(PromptStrategy):
         """Statistics of the current classes (prompted final-LN [CLS] of training images, one
         diagonal Gaussian per class, as the code), then for tasks >= 1 the head re-fit on samples
         of every seen class: per epoch batch * ratio samples per class and #old-classes steps."""
-        self.stats.update(features, labels)
-        if self.task_id < 1:
-            return
-        n = self.hp.batch_size * self.hp.ca_batch_ratio
-        old = len(self.seen_classes) - len(self.current_classes)
-        cfg = AlignmentConfig(epochs=self.hp.ca_epochs, samples_per_class=n, batch_size=n,
-                              iters_per_epoch=max(old, 1), lr=self.hp.ca_lr, optimizer="adamw",
-                              weight_decay=self.hp.ca_weight_decay, schedule="cosine",
-                              min_lr=self.hp.ca_min_lr)
-        align_classifier(self.model.head, self.stats, list(self.seen_classes), cfg,
-                         generator=self.generator, device=self.device)
+        self.alignment.after_task(self.model.head, features, labels, self.seen_classes,
+                                  self.current_classes, device=self.device)
         self.model.eval()

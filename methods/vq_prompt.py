@@ -37,11 +37,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from torch import Tensor, nn
 
-from .alignment import AlignmentConfig, ClassStatistics, align_classifier, collect_features
-from .base import Hparams, PromptModel, PromptStrategy, TaskStages
+from .alignment import AlignmentConfig, AlignmentStage, collect_features
+from .base import Hparams, PromptModel, PromptStrategy, TaskStages, hparam
 from .registry import register
 from .vit import PromptedViT
 
@@ -54,20 +54,20 @@ class VQPromptHparams(Hparams):
     optimizer: str = "adamw"
     weight_decay: float = 0.0
     schedule: str = "cosine"
-    pool_size: int = 10  # N prompts (and keys) per layer, shared by all tasks
-    prompt_length: int = 8  # Lp tokens in total: Lp/2 prefix keys + Lp/2 prefix values
-    prompt_layers: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
-    tau: float = 1.0  # softmax temperature of the key match (5 for CUB in the scripts)
-    lambda_q: float = 0.4  # weight of the pool (VQ) term ||sg[p'] - p||^2, paper Eq. 9
-    lambda_c: float = 0.1  # weight of the commitment term ||p' - sg[p]||^2, paper Eq. 9
+    pool_size: int = hparam(10, ge=1)  # N prompts (and keys) per layer, shared by all tasks
+    prompt_length: int = hparam(8, ge=2)  # Lp tokens in total: Lp/2 prefix keys + Lp/2 prefix values
+    prompt_layers: list[int] = hparam(default_factory=lambda: [0, 1, 2, 3, 4], ge=0)
+    tau: float = hparam(1.0, gt=0)  # softmax temperature of the key match (5 for CUB in the scripts)
+    lambda_q: float = hparam(0.4, ge=0)  # weight of the pool (VQ) term ||sg[p'] - p||^2, paper Eq. 9
+    lambda_c: float = hparam(0.1, ge=0)  # weight of the commitment term ||p' - sg[p]||^2, paper Eq. 9
     code_loss_weights: bool = False  # True: the code's swap (0.4 on commitment, 0.1 on pool)
     prompt_lr_mult: float = 5.0  # prompts and keys at 5x lr (code)
     stats_train_transform: bool = True  # statistics with the training transform (code)
-    align_epochs: int = 10
-    align_samples_per_class: int = 512  # per class per epoch, also the alignment batch size
-    align_lr: float = 1e-5  # ca_lr / 10 in the code
-    align_min_lr: float = 1e-6
-    align_weight_decay: float = 5e-4
+    align_epochs: int = hparam(10, ge=0)
+    align_samples_per_class: int = hparam(512, ge=1)  # per class per epoch, also the alignment batch size
+    align_lr: float = hparam(1e-5, gt=0)  # ca_lr / 10 in the code
+    align_min_lr: float = hparam(1e-6, ge=0, le="align_lr")
+    align_weight_decay: float = hparam(5e-4, ge=0)
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -145,7 +145,11 @@ class VQPrompt(PromptStrategy):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.stats = ClassStatistics("diag", n_centroids=1, eps=1e-4)
+        hp = self.hp
+        self.alignment = AlignmentStage(AlignmentConfig(
+            epochs=hp.align_epochs, samples_per_class=hp.align_samples_per_class,
+            batch_size=hp.align_samples_per_class, lr=hp.align_lr, optimizer="adamw",
+            weight_decay=hp.align_weight_decay, schedule="cosine", min_lr=hp.align_min_lr))
 
     def build_model(self, vit: PromptedViT, num_classes: int) -> VQPromptModel:
         return VQPromptModel(vit, num_classes, self.hp)
@@ -162,15 +166,5 @@ class VQPrompt(PromptStrategy):
         """Statistics of the new classes' prompted features, then (t > 0) the head re-fit."""
         batches = self.loader(self.experience.dataset, train_transform=self.hp.stats_train_transform)
         feats, labels = collect_features(self.model.features, batches)
-        self.stats.update(feats, labels)
-        old = [c for c in self.seen_classes if c not in self.current_classes]
-        if not old:
-            return
-        hp = self.hp
-        cfg = AlignmentConfig(epochs=hp.align_epochs, samples_per_class=hp.align_samples_per_class,
-                              batch_size=hp.align_samples_per_class, iters_per_epoch=len(old),
-                              lr=hp.align_lr, optimizer="adamw", weight_decay=hp.align_weight_decay,
-                              schedule="cosine", min_lr=hp.align_min_lr)
-        gen = torch.Generator().manual_seed(int(torch.randint(2 ** 31 - 1, (1,))))
-        align_classifier(self.model.head, self.stats, self.seen_classes, cfg, generator=gen,
-                         device=self.device)
+        self.alignment.after_task(self.model.head, feats, labels, self.seen_classes,
+                                  self.current_classes, device=self.device)

@@ -25,6 +25,9 @@ def listing() -> str:
 
 
 def load_plugins(specs: list[str]) -> list[str]:
-    """Import method plugins (`--plugin FILE.py|module`); the names they registered."""
+    """Discover the built-in and installed methods (a broken installed plugin is one PluginError
+    for every command, the ones that never name a method included), then import method plugins
+    (`--plugin FILE.py|module`); the names they registered."""
+    registry.discover()
     return [name for spec in specs for name in registry.load_plugin(spec)]
 

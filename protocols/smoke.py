@@ -19,11 +19,21 @@ What differs, each visible in the run record:
   any hyperparameter named `*epochs`) is set to 1 through the spec's overrides, so `variant`
   lists them; SMoPE keeps 2 epochs, the fewest with which its task-0 dense warm-up
   (int(epochs / 2) epochs) runs at all;
-- the reduced form (`tasks=k`, for CI) adds `first_tasks: k` to a copy of the protocol: the
+- the first tasks only (`tasks=k`) add `first_tasks: k` to a copy of the protocol: the
   stream, classes per task, head and hyperparameters stay those of the full protocol (pool
   sizes that follow the task count included), and only the first k tasks are trained and
   evaluated (a k x k matrix). A protocol with num_tasks=k would instead change the classes per
   task and every stream-derived hyperparameter: not the real shape.
+
+Three sizes. The full dry run (`run_suite.py --smoke`, `make smoke`): every task of every real
+protocol at 224 px. Its 2-task form (`tasks=2` on cifar100-10t, also part of `make smoke`):
+every method through both tasks at 224 px, minutes on a CPU. The reduced form CI runs
+(tests/test_smoke.py): the same 2 tasks with the backbone fed CIFAR-100's own 32 px
+(`REDUCED_BACKBONE`, `sup21k@32`: every layer, width and head of ViT-B/16, the position
+embedding on a 2 x 2 patch grid instead of 14 x 14), so that every method still goes through
+training and every per-task stage with the real protocol, parameter shapes and hyperparameters for
+about a fortieth of the compute per image; the lower bound alone runs at the real 224 px there,
+for the full-resolution input path.
 Such runs can never pass for results: their label is "<method> [smoke]", their variant is
 never empty, their weights are random, and they go to their own store (`STORE`), never to the
 published records. Each run also gives one smoke record (`SmokeRun.smoke`, the schema of
@@ -44,7 +54,7 @@ from typing import Any
 import torch
 import yaml
 
-from methods import registry
+from methods import backbones, registry
 
 from .devices import device_name, resolve_device
 from .errors import SweepError
@@ -54,6 +64,8 @@ from .schema import PROTOCOL_DIR, load_protocol
 from .sweep import Store
 
 BACKBONE = "sup21k"
+#: The reduced (CI) form's backbone: ViT-B/16 fed 32 px inputs (see the module docstring).
+REDUCED_BACKBONE = f"{BACKBONE}@32"
 STORE = "results/smoke.sqlite"
 DATA_ROOT = "results/smoke-data"
 LABEL_SUFFIX = " [smoke]"
@@ -151,10 +163,13 @@ def _check(protocols: Sequence[str], methods: Sequence[str], tasks: int | None,
 
 def smoke_specs(protocols: Sequence[str] = ("all",), methods: Sequence[str] = ("all",), *,
                 data_root: str | os.PathLike = DATA_ROOT, tasks: int | None = None, seed: int = 0,
-                train_per_class: int = 2, test_per_class: int = 1) -> list[RunSpec]:
+                train_per_class: int = 2, test_per_class: int = 1,
+                backbone: str = BACKBONE) -> list[RunSpec]:
     """Write the synthetic data and the protocol copies under `data_root`, and return the dry
-    run's specs, protocol by protocol (in the order given), method by method."""
+    run's specs, protocol by protocol (in the order given), method by method, on `backbone`
+    (`BACKBONE`, or `REDUCED_BACKBONE` for the reduced form)."""
     protocols, methods = _check(protocols, methods, tasks, train_per_class, test_per_class)
+    backbones.get_spec(backbone)  # an unknown name or input size fails here, not in every run
     root = Path(data_root)
     written: dict[str, dict[str, Any]] = {}
     specs = []
@@ -164,7 +179,7 @@ def smoke_specs(protocols: Sequence[str] = ("all",), methods: Sequence[str] = ("
             written[dataset] = write_data(dataset, root, train_per_class, test_per_class, seed)
         path = smoke_protocol(name, root, written[dataset], tasks)
         for m in methods:
-            specs.append(RunSpec(str(path), BACKBONE, m, seed, smoke_overrides(m, name),
+            specs.append(RunSpec(str(path), backbone, m, seed, smoke_overrides(m, name),
                                  label=m + LABEL_SUFFIX))
     return specs
 
@@ -208,7 +223,7 @@ def run_smoke(protocols: Sequence[str] = ("all",), methods: Sequence[str] = ("al
               store: Store, data_root: str | os.PathLike = DATA_ROOT, tasks: int | None = None,
               seed: int = 0, train_per_class: int = 2, test_per_class: int = 1,
               device: str = "auto", threads: int | None = None, eval_batch_size: int = 256,
-              quiet: bool = True) -> Iterator[SmokeRun]:
+              quiet: bool = True, backbone: str = BACKBONE) -> Iterator[SmokeRun]:
     """Run the dry run in this process, one run at a time, and yield each as it ends.
 
     A complete run's record goes to `store` (anything with has/put; keep it apart from the
@@ -216,7 +231,8 @@ def run_smoke(protocols: Sequence[str] = ("all",), methods: Sequence[str] = ("al
     `leaderboard.records.add_measurements([run.smoke], SMOKE_DIR)`). A run that raises is
     yielded with `complete: False` and its traceback, and the dry run goes on."""
     specs = smoke_specs(protocols, methods, data_root=data_root, tasks=tasks, seed=seed,
-                        train_per_class=train_per_class, test_per_class=test_per_class)
+                        train_per_class=train_per_class, test_per_class=test_per_class,
+                        backbone=backbone)
     options = RunOptions(data_root=str(data_root), weights_dir=None, device=device,
                          eval_batch_size=eval_batch_size, quiet=quiet, random_init=True,
                          threads=threads)

@@ -83,13 +83,22 @@ def train_and_probe(strategy, bm, per_task: int = 16) -> torch.Tensor:
     return torch.stack([bm.test_stream[j].dataset[k][0] for j in range(n) for k in range(per_task)])
 
 
-def vit_b16_strategy(name: str, protocol: str, num_classes: int):
-    """Method `name` with its `protocol` defaults on a randomly initialised ViT-B/16 (nothing
-    downloaded): the model whose added parameters the papers count."""
-    from methods import backbones, registry
+def vit_b16():
+    """ViT-B/16 (`sup21k`'s architecture) as the shared prompted ViT, on the `meta` device: every
+    shape, no weights and no compute, so counting its parameters or FLOPs costs nothing."""
+    from methods import backbones
+    from methods.vit import PromptedViT
 
-    vit = backbones.load("sup21k", random_init=True).vit
-    return registry.create(name, vit=vit, num_classes=num_classes,
+    return PromptedViT(backbones.skeleton("sup21k"))
+
+
+def vit_b16_strategy(name: str, protocol: str, num_classes: int):
+    """Method `name` with its `protocol` defaults on ViT-B/16 (`vit_b16`, the meta device): the
+    model whose added parameters the papers count. The method's own parameters are built as in
+    a run; the backbone has shapes only."""
+    from methods import registry
+
+    return registry.create(name, vit=vit_b16(), num_classes=num_classes,
                            hparams=hparams(name, protocol))
 
 

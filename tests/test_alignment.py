@@ -3,7 +3,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.alignment import (AlignmentConfig, ClassStatistics, align_classifier,
+import pytest
+
+from methods import registry
+from methods.alignment import (AlignmentConfig, AlignmentStage, ClassStatistics, align_classifier,
                                collect_features, kmeans)
 
 torch.set_num_threads(1)
@@ -139,3 +142,59 @@ def test_alignment_trains_only_seen_classes_and_respects_mask():
     align_classifier(head, st, [0, 1, 2], cfg, generator=torch.Generator().manual_seed(0))
     assert torch.equal(head.weight[3:], unseen_before)  # -inf logits: no gradient to unseen rows
     assert head.training  # the mode is restored
+
+
+@pytest.mark.parametrize("own_generator", [False, True])
+def test_stage_is_statistics_then_a_refit_with_one_step_per_old_class(own_generator):
+    """`AlignmentStage.after_task` is exactly: update the statistics, then (old classes only)
+    `align_classifier` over the seen classes with one iteration per old class and epoch, drawing
+    from the stage's generator or from a fresh one seeded from the global RNG."""
+    cfg = AlignmentConfig(epochs=3, samples_per_class=8, batch_size=8, lr=0.05, optimizer="adamw",
+                          weight_decay=5e-4, min_lr=1e-3)
+    x, y = gaussian_classes(4, 30, seed=0)
+    torch.manual_seed(5)
+    head = nn.Linear(D, 4)
+    by_hand = nn.Linear(D, 4)
+    by_hand.load_state_dict(head.state_dict())
+    stage = AlignmentStage(cfg, n_centroids=2, seed=3,
+                           generator=torch.Generator().manual_seed(9) if own_generator else None)
+    stats = ClassStatistics("diag", n_centroids=2, seed=3)
+    own = torch.Generator().manual_seed(9)
+    steps = []
+    for task, (seen, current) in enumerate((([0, 1], [0, 1]), ([0, 1, 2, 3], [2, 3]))):
+        part = (y == current[0]) | (y == current[1])
+        torch.manual_seed(100 + task)
+        before = head.weight.detach().clone()
+        refit = stage.after_task(head, x[part], y[part], seen, current)
+        assert refit == (task == 1) and stage.stats.classes() == seen
+        assert torch.equal(head.weight, before) != refit
+        torch.manual_seed(100 + task)
+        stats.update(x[part], y[part])
+        if task == 1:
+            gen = own if own_generator else torch.Generator().manual_seed(int(torch.randint(2 ** 31 - 1, (1,))))
+            opt_step = torch.optim.AdamW.step
+
+            def counted(self, *a, **k):
+                steps.append(1)
+                return opt_step(self, *a, **k)
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(torch.optim.AdamW, "step", counted)
+                align_classifier(by_hand, stats, seen, AlignmentConfig(**{**vars(cfg), "iters_per_epoch": 2}),
+                                 generator=gen)
+    assert torch.equal(head.weight, by_hand.weight) and torch.equal(head.bias, by_hand.bias)
+    assert len(steps) == cfg.epochs * 2  # 2 old classes: 2 steps per epoch
+
+
+@pytest.mark.parametrize("name,stages", [("hide_prompt", ("tii_alignment", "tap")),
+                                         ("vq_prompt", ("alignment",)), ("smope", ("alignment",))])
+def test_the_methods_hold_the_shared_stage_with_their_own_knobs(tiny, name, stages):
+    """HiDe (TII model and main head), VQ and SMoPE set the stage up from their hyperparameters."""
+    from helpers import hparams
+
+    hp = hparams(name, "fmnist-5t")
+    s = registry.create(name, vit=tiny, num_classes=10, hparams=hp)
+    held = [getattr(s, a) for a in stages]
+    assert all(isinstance(stage, AlignmentStage) for stage in held)
+    knobs = {"hide_prompt": ("tii_align_epochs", "tap_epochs"), "vq_prompt": ("align_epochs",),
+             "smope": ("ca_epochs",)}[name]
+    assert tuple(stage.config.epochs for stage in held) == tuple(hp[k] for k in knobs)

@@ -19,7 +19,7 @@ def test_unknown_backbone_names_the_valid_ones():
 
 def test_missing_file_lists_paths_and_how_to_get(tmp_path):
     with pytest.raises(BackboneError) as e:
-        backbones.load.__wrapped__("dino1k", str(tmp_path))
+        backbones.load("dino1k", str(tmp_path))
     msg = str(e.value)
     assert str(tmp_path / "dino_vitbase16_pretrain.pth") in msg and "facebookresearch/dino" in msg
 
@@ -117,7 +117,9 @@ def npz_backbone(monkeypatch):
     """`sup21k_npz` with the small architecture (everything else as shipped)."""
     spec = backbones.get_spec("sup21k_npz")
     monkeypatch.setitem(backbones.BACKBONES, "sup21k_npz", dataclasses.replace(spec, arch=SMALL, image_size=32))
-    return spec
+    backbones._weights.cache_clear()  # weights read with the shipped architecture must not be reused
+    yield spec
+    backbones._weights.cache_clear()
 
 
 def test_the_npz_backbone_is_vit_b16_from_google_s_file():
@@ -130,7 +132,7 @@ def test_a_google_npz_loads_strictly_and_gives_the_features_of_the_same_timm_wei
     torch.manual_seed(0)
     reference = VisionTransformer(**SMALL).eval()
     write_google_npz(reference, tmp_path / "ViT-B_16.npz")
-    bb = backbones.load.__wrapped__("sup21k_npz", str(tmp_path))
+    bb = backbones.load("sup21k_npz", str(tmp_path))
     assert bb.source == str(tmp_path / "ViT-B_16.npz") and bb.sha256 == backbones.sha256_file(tmp_path / "ViT-B_16.npz")
     for k, v in reference.state_dict().items():  # every tensor, exactly (the head layers are dropped)
         assert torch.equal(bb.vit.vit.state_dict()[k], v), k
@@ -151,15 +153,15 @@ def test_an_incomplete_or_foreign_npz_is_refused_naming_the_keys(tmp_path, npz_b
     np.savez(tmp_path / "ViT-B_16.npz", **w)
     with pytest.raises(BackboneError, match=r"missing keys \[Transformer/encoderblock_1/MlpBlock_3/Dense_1/bias\]"
                                             r".*unexpected keys \[Transformer/encoderblock_1/Extra/kernel\]"):
-        backbones.load.__wrapped__("sup21k_npz", str(tmp_path))
+        backbones.load("sup21k_npz", str(tmp_path))
     # a checkpoint of another size: the architecture check names the shapes
     other = VisionTransformer(**dict(SMALL, embed_dim=32))
     write_google_npz(other, tmp_path / "ViT-B_16.npz")
     with pytest.raises(BackboneError, match="shape mismatches"):
-        backbones.load.__wrapped__("sup21k_npz", str(tmp_path))
+        backbones.load("sup21k_npz", str(tmp_path))
     (tmp_path / "ViT-B_16.npz").write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(BackboneError, match="cannot be read"):
-        backbones.load.__wrapped__("sup21k_npz", str(tmp_path))
+        backbones.load("sup21k_npz", str(tmp_path))
 
 
 # ------------------------------------------------------------------ hints and the hub
@@ -168,7 +170,7 @@ def test_an_incomplete_or_foreign_npz_is_refused_naming_the_keys(tmp_path, npz_b
 def test_the_weights_hint_names_each_path_looked_for_once_and_the_fetch_command(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(BackboneError) as e:
-        backbones.load.__wrapped__("sup21k", "pretrained")
+        backbones.load("sup21k", "pretrained")
     msg = str(e.value)
     looked = msg.split("looked for ", 1)[1].split(";", 1)[0].split(", ")
     assert looked == [f"pretrained/{f}" for f in backbones.get_spec("sup21k").files]
@@ -185,4 +187,69 @@ def test_allow_download_without_a_reachable_hub_is_a_fast_user_error(monkeypatch
     monkeypatch.setattr(backbones.timm, "create_model", lambda *a, **k: pytest.fail("timm asked the hub"))
     with pytest.raises(BackboneError, match=r"cannot reach the timm hub at .*Name or service not known.*"
                                             r"run_suite.py fetch --backbones sup1k"):
-        backbones.load.__wrapped__("sup1k", str(tmp_path), allow_download=True)
+        backbones.load("sup1k", str(tmp_path), allow_download=True)
+
+
+@pytest.mark.parametrize("random_init", [False, True])
+def test_each_load_is_a_fresh_module_with_the_same_weights(random_init):
+    """No shared state: a caller may move, freeze or even overwrite its backbone without touching
+    the next caller's."""
+    a = backbones.load("tiny", random_init=random_init)
+    b = backbones.load("tiny", random_init=random_init)
+    assert a.vit is not b.vit and a.sha256 == b.sha256
+    sa, sb = a.vit.state_dict(), b.vit.state_dict()
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k], sb[k]) and sa[k].data_ptr() != sb[k].data_ptr() for k in sa)
+    assert not any(p.requires_grad for p in b.vit.parameters())
+    with torch.no_grad():
+        for p in a.vit.parameters():
+            p.zero_()
+    c = backbones.load("tiny", random_init=random_init)
+    assert all(torch.equal(sb[k], v) for k, v in c.vit.state_dict().items())
+
+
+def test_loading_leaves_the_global_rng_alone():
+    """Random init draws from its own generator, seeded by the backbone's name: loading (first or
+    again) neither reads nor reseeds the caller's random stream."""
+    torch.manual_seed(123)
+    expected = torch.rand(5)
+    torch.manual_seed(123)
+    backbones._weights.cache_clear()  # a first load too, not only a cached one
+    state = torch.random.get_rng_state()
+    for name, random_init in (("tiny", True), ("tiny", True), ("tiny", False)):
+        backbones.load(name, random_init=random_init)
+        assert torch.equal(torch.random.get_rng_state(), state), (name, random_init)
+    assert torch.equal(torch.rand(5), expected)
+
+
+def test_random_init_is_deterministic_per_name_and_timm_distributed():
+    a = backbones.random_weights("tiny")
+    assert all(torch.equal(a[k], v) for k, v in backbones.random_weights("tiny").items())
+    assert a["blocks.0.norm1.weight"].eq(1).all() and a["blocks.0.attn.qkv.bias"].eq(0).all()
+    qkv = a["blocks.0.attn.qkv.weight"]
+    assert abs(qkv.std().item() - 0.02) < 2e-3 and qkv.abs().max() <= 2.0  # trunc_normal(.02)
+    assert a["cls_token"].abs().max() < 1e-4 and abs(a["pos_embed"].std().item() - 0.02) < 3e-3
+
+
+def test_a_run_does_not_depend_on_the_loads_before_it(tmp_path):
+    """The same run gives the same record whether or not other backbones were loaded (and
+    changed) earlier in the process, and whatever the global RNG held before."""
+    from benchmarks.synthetic import write_fashion_mnist
+    from protocols.runner import RunOptions, RunSpec, run
+
+    write_fashion_mnist(tmp_path / "fashion-mnist", train_per_class=4, test_per_class=2)
+    proto = tmp_path / "p.yaml"
+    proto.write_text("name: p\ndataset: fashion_mnist\nnum_tasks: 2\n"
+                     "methods:\n  l2p: {epochs: 1, batch_size: 8, prompt_length: 2}\n")
+    options = RunOptions(data_root=str(tmp_path), weights_dir=None, random_init=True, quiet=True)
+    spec = RunSpec(str(proto), "tiny", "l2p", 0)
+    backbones._weights.cache_clear()
+    first = run(spec, options)
+    other = backbones.load("tiny", random_init=True)  # a caller that mutates its copy
+    with torch.no_grad():
+        for p in other.vit.parameters():
+            p.mul_(-1.0)
+    torch.manual_seed(999)
+    torch.rand(17)
+    again = run(spec, options)
+    assert again["acc_matrix"] == first["acc_matrix"] and again["key"] == first["key"]

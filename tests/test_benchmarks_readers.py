@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmarks import DataNotFoundError, load_cifar100, load_cub200, load_fashion_mnist, load_imagenet_r
+from benchmarks import DataError, DataNotFoundError, load_cifar100, load_cub200, load_fashion_mnist, load_imagenet_r
 from benchmarks import fashion_mnist, imagenet_r
 from benchmarks.common import sha256_lines
 from benchmarks.synthetic import write_cifar100, write_cub200, write_fashion_mnist, write_idx, write_imagenet_r
@@ -292,3 +292,91 @@ def test_real_size_writers_make_real_shaped_photos(tmp_path):
     info = build_stream("cub200", data_root=tmp_path, seed=0, num_tasks=2, **vit)
     for stream in (info.benchmark.train_stream, info.benchmark.test_stream):
         assert stream[0].dataset[0][0].shape == (3, 224, 224)
+
+
+# ---------------------------------------------------------------- data roots: never a silent substitute
+
+
+@pytest.fixture
+def system_fmnist(monkeypatch, tmp_path):
+    """A 'system copy' of Fashion-MNIST the readers could fall back to (a stand-in for
+    /usr/share/datasets/fashion-mnist), so a fallback would be visible."""
+    system = write_fashion_mnist(tmp_path / "system-copy", train_per_class=3, test_per_class=1)
+    monkeypatch.setattr(fashion_mnist, "SYSTEM_DIRS", [str(system)])
+    return system
+
+
+LOADERS = {"fashion_mnist": load_fashion_mnist, "cifar100": load_cifar100,
+           "imagenet_r": lambda root: load_imagenet_r(root, split="stratified"), "cub200": load_cub200}
+
+
+@pytest.mark.parametrize("dataset", list(LOADERS))
+def test_a_data_root_that_is_a_file_is_an_error_naming_it(tmp_path, system_fmnist, dataset):
+    root = tmp_path / "data.tar"
+    root.write_bytes(b"not a folder")
+    with pytest.raises(DataError, match=f"data root {root} is not a folder"):
+        LOADERS[dataset](root)
+
+
+def test_a_looping_fashion_mnist_entry_is_an_error_not_the_system_copy(tmp_path, system_fmnist):
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "fashion-mnist").symlink_to(root / "fashion-mnist")  # a link to itself
+    with pytest.raises(DataError, match=f"{root / 'fashion-mnist'}: a symbolic link loop"):
+        load_fashion_mnist(root)
+    (root / "fashion-mnist").unlink()
+    (root / "a").symlink_to(root / "b")  # a loop of two links, and an entry that goes through it
+    (root / "b").symlink_to(root / "a")
+    (root / "fashion-mnist").symlink_to(root / "a")
+    with pytest.raises(DataError, match="a symbolic link loop"):
+        load_fashion_mnist(root)
+    loop = tmp_path / "loop-root"
+    loop.symlink_to(loop)  # the data root itself
+    with pytest.raises(DataError, match=f"{loop}: a symbolic link loop"):
+        load_fashion_mnist(loop)
+
+
+def test_the_system_copy_only_when_allowed_and_always_named(tmp_path, system_fmnist):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    d = load_fashion_mnist(empty)  # the default: a data root may fall back to the system copy
+    assert d.source == "system" and d.location == str(system_fmnist)
+    with pytest.raises(DataNotFoundError) as e:
+        load_fashion_mnist(empty, system_copy=False)  # a data root the user named
+    assert str(system_fmnist) not in e.value.paths_tried
+    assert f"The system copy in {system_fmnist} was not used" in str(e.value)
+    write_fashion_mnist(empty / "fashion-mnist")
+    for allowed in (True, False):
+        d = load_fashion_mnist(empty, system_copy=allowed)
+        assert d.source == "data_root" and d.location == str(empty / "fashion-mnist")
+
+
+def test_a_looping_link_in_an_imagenet_r_tree_is_an_input_error(tmp_path):
+    write_imagenet_r(tmp_path, per_class=3)
+    tree = tmp_path / "imagenet-r"
+    wnid = sorted(p.name for p in tree.iterdir() if p.is_dir())[0]
+    bad = tree / wnid / "loop.jpg"
+    bad.symlink_to(bad)
+    for split in ("stratified", "coda"):
+        with pytest.raises(DataError, match=f"{bad}: a symbolic link loop"):
+            load_imagenet_r(tmp_path, split=split)
+    bad.unlink()
+    (tree / "n99999999").symlink_to(tree / "n99999999")  # a class folder that loops
+    with pytest.raises(DataError, match=f"{tree / 'n99999999'}: a symbolic link loop"):
+        load_imagenet_r(tmp_path, split="stratified")
+
+
+def test_looping_links_in_cifar100_and_cub200_trees_are_input_errors(tmp_path):
+    write_cifar100(tmp_path / "c", train_per_class=2, test_per_class=1)
+    meta = tmp_path / "c" / "cifar-100-python" / "meta"
+    meta.unlink()
+    meta.symlink_to(meta)
+    with pytest.raises(DataError, match=f"{meta}: a symbolic link loop"):
+        load_cifar100(tmp_path / "c")
+    write_cub200(tmp_path / "b", num_classes=4, per_class=2)
+    images = tmp_path / "b" / "CUB_200_2011" / "images"
+    photo = next(images.rglob("*.jpg"))
+    photo.unlink()
+    photo.symlink_to(photo)
+    with pytest.raises(DataError, match=f"{photo}: a symbolic link loop"):
+        load_cub200(tmp_path / "b")

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import benchmarks
-from benchmarks import (DATASETS, DataNotFoundError, StreamInfo, build_stream, build_transforms, class_order,
+from benchmarks import (DATASETS, DataError, DataNotFoundError, StreamInfo, build_stream, build_transforms, class_order,
                         classes_per_exp, fashion_mnist, imagenet_r, load_fashion_mnist, subsample_indices,
                         unused_indices)
 from benchmarks.synthetic import write_cifar100, write_cub200, write_fashion_mnist, write_imagenet_r
@@ -196,6 +196,29 @@ def test_build_stream_errors(fmnist_root, tmp_path):
         with pytest.raises(DataNotFoundError) as e:
             build_stream(name, data_root=tmp_path / "empty", num_tasks=2, **TINY)
         assert e.value.paths_tried and all(str(tmp_path / "empty") in p for p in e.value.paths_tried)
+
+
+def test_stream_says_which_copy_and_never_replaces_a_named_data_root(tmp_path, monkeypatch):
+    """`system_copy=False` (a data root the user named): the system copy is never read instead;
+    `data_source` tells which copy a stream was built from, for the run record."""
+    system = write_fashion_mnist(tmp_path / "system", train_per_class=4, test_per_class=2)
+    monkeypatch.setattr(fashion_mnist, "SYSTEM_DIRS", [str(system)])
+    named = tmp_path / "named"
+    named.mkdir()
+    info = build_stream("fashion_mnist", data_root=named, num_tasks=5, **TINY)
+    assert (info.data_source, info.location) == ("system", str(system))
+    with pytest.raises(DataNotFoundError, match="was not used: the data root was given explicitly"):
+        build_stream("fashion_mnist", data_root=named, num_tasks=5, system_copy=False, **TINY)
+    write_fashion_mnist(named / "fashion-mnist", train_per_class=4, test_per_class=2)
+    info = build_stream("fashion_mnist", data_root=named, num_tasks=5, system_copy=False, **TINY)
+    assert (info.data_source, info.location) == ("data_root", str(named / "fashion-mnist"))
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    (tmp_path / "loops" / "fashion-mnist").parent.mkdir()
+    (tmp_path / "loops" / "fashion-mnist").symlink_to(tmp_path / "loops" / "fashion-mnist")
+    for root, says in ((a_file, "is not a folder"), (tmp_path / "loops", "a symbolic link loop")):
+        with pytest.raises(DataError, match=says):
+            build_stream("fashion_mnist", data_root=root, num_tasks=5, **TINY)
 
 
 # ---------------------------------------------------------------- transforms

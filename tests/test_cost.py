@@ -22,8 +22,10 @@ def test_plain_forward_flops_match_the_hand_count(tiny):
     assert count_flops(lambda: tiny(x)) == 2 * macs
 
 
-@pytest.mark.parametrize("method", ["head_only", "l2p", "dualprompt", "coda_prompt"])
+@pytest.mark.parametrize("method", registry.names())
 def test_cost_row_counts_and_pass_ratio(tiny, method):
+    """Every registered method: its row's counts, and FLOPs per image that match the ViT passes
+    it declares (the query pass counted)."""
     hp = hparams(method, "fmnist-5t")
     row = cost_row(method, tiny, 10, hp)
     assert set(row) == KEYS and row["method"] == method

@@ -184,7 +184,7 @@ def test_unreadable_imagenet_r_split_list(tmp_path):
 
 def _dino_error(tmp_path) -> str:
     with pytest.raises(BackboneError) as e:
-        backbones.load.__wrapped__("dino1k", str(tmp_path))
+        backbones.load("dino1k", str(tmp_path))
     return str(e.value)
 
 
@@ -218,4 +218,4 @@ def test_corrupt_safetensors(tmp_path):
     f = tmp_path / "vit_base_patch16_224.augreg_in21k.safetensors"
     f.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{")
     with pytest.raises(BackboneError, match=f"checkpoint {f}: cannot be read"):
-        backbones.load.__wrapped__("sup21k", str(tmp_path))
+        backbones.load("sup21k", str(tmp_path))

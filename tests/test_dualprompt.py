@@ -1,13 +1,12 @@
 """DualPrompt on the tiny ViT with synthetic data: task-id E-prompt in training, per-sample top-1
-at test, E-prompt carried over to the next task, frozen backbone, batch-size-invariant evaluation,
-the published ViT-B/16 parameter counts."""
+at test, E-prompt carried over to the next task, batch-size-invariant evaluation with mixed
+E-prompts. What every method must do (defaults for every protocol, the stream run, the frozen
+backbone, the optimizer groups, the ViT-B/16 counts) is in test_methods.py."""
 import pytest
 import torch
 
-from methods import registry
-from helpers import (added_params, assert_batch_size_invariant, make_strategy, hparams,
-                     train_and_probe, vit_b16_strategy)
-from test_l2p import PROTOCOLS, stream  # the synthetic 5 x 2-class stream
+from helpers import assert_batch_size_invariant, make_strategy, hparams, train_and_probe
+from test_l2p import five_tasks  # the synthetic 5 x 2-class stream
 
 torch.set_num_threads(1)
 
@@ -16,10 +15,9 @@ def make(tiny, **over):
     return make_strategy("dualprompt", tiny, **over)
 
 
-def test_defaults_cover_every_protocol():
-    for p in PROTOCOLS:
-        hparams("dualprompt", p)
-    assert hparams("dualprompt", "imagenet-r-20t")["pool_size"] == 20
+def test_defaults_follow_the_stream_and_the_code():
+    assert hparams("dualprompt", "imagenet-r-20t")["pool_size"] == 20  # one E-prompt per task
+    assert hparams("dualprompt", "cifar100-10t")["prompt_lr_mult"] == 1.0  # one lr, as the code
 
 
 def test_selection_task_id_in_training_top1_per_sample_at_test(tiny):
@@ -30,11 +28,13 @@ def test_selection_task_id_in_training_top1_per_sample_at_test(tiny):
     model.train()
     assert model.select(q).tolist() == [2] * 8
     model.eval()
+    with torch.no_grad():  # queries of a random-init ViT are nearly parallel: aim tasks 0-2's keys
+        model.e_key[:3].copy_(q[:3])
     idx = model.select(q)
     sim = torch.nn.functional.normalize(q, dim=-1) @ torch.nn.functional.normalize(model.e_key, dim=-1).t()
     assert idx.shape == (8,)
     assert torch.equal(idx, sim[:, :3].argmax(1))  # only keys of tasks 0..2 compete
-    assert len(set(idx.tolist())) > 1, "random keys should give different choices across samples"
+    assert len(set(idx.tolist())) > 1, "the keys should give different choices across samples"
     prefix = model.prefixes(idx)
     assert sorted(prefix) == [0, 1, 2, 3, 4]
     assert prefix[0][0].shape == (5, tiny.embed_dim)  # G: shared, 5 key tokens
@@ -56,8 +56,7 @@ def test_selection_task_id_in_training_top1_per_sample_at_test(tiny):
 
 def test_e_prompt_carried_over_old_ones_kept_and_backbone_frozen(tiny):
     s = make(tiny, epochs=1, batch_size=8)
-    bm = stream(per_class=8)
-    frozen = {k: v.clone() for k, v in tiny.state_dict().items()}
+    bm = five_tasks(per_class=8)
     before = s.model.e_prompt.detach().clone()
     key_before = s.model.e_key.detach().clone()
     s.train(bm.train_stream[0])
@@ -71,15 +70,12 @@ def test_e_prompt_carried_over_old_ones_kept_and_backbone_frozen(tiny):
     s.train(bm.train_stream[1])
     assert torch.equal(s.model.e_prompt[:, 0], e0[:, 0])  # task 0's E-prompt kept
     assert not torch.equal(s.model.e_key[1], key_before[1])  # task 1's key pulled
-    assert all(torch.equal(frozen[k], v) for k, v in tiny.state_dict().items())
-    assert all(p.grad is None for p in tiny.parameters())
     # one explicit backward in task 1: grads on G, E/key row 1 and the head only
     s.model.train()
     s.model.zero_grad()
     x = bm.train_stream[1].dataset[0][0][None]
     loss = s.model(x)[:, 2:4].logsumexp(1).sum() + s.model.pull
     loss.backward()
-    assert all(p.grad is None for p in tiny.parameters())
     g = s.model.e_prompt.grad.abs().flatten(2).sum(-1)  # (layers, pool)
     assert (g[:, 1] > 0).all() and (g[:, [0, 2, 3, 4]] == 0).all()
     kg = s.model.e_key.grad.abs().sum(1)
@@ -87,9 +83,9 @@ def test_e_prompt_carried_over_old_ones_kept_and_backbone_frozen(tiny):
     assert s.model.g_prompt.grad.abs().sum() > 0 and s.model.head.weight.grad.abs().sum() > 0
 
 
-def test_stream_run_and_batch_size_invariance(tiny):
+def test_a_batch_mixing_e_prompts_is_batch_size_invariant(tiny):
     s = make(tiny, epochs=1, batch_size=8)
-    bm = stream()
+    bm = five_tasks()
     x = train_and_probe(s, bm)  # trains all tasks, checks each evaluation
     s.model.eval()
     with torch.no_grad():
@@ -102,28 +98,11 @@ def test_stream_run_and_batch_size_invariance(tiny):
 
 def test_pool_smaller_than_stream_is_an_error(tiny):
     s = make(tiny, pool_size=2, epochs=1)
-    bm = stream(per_class=2)
+    bm = five_tasks(per_class=2)
     s.train(bm.train_stream[0])
     s.train(bm.train_stream[1])
     with pytest.raises(ValueError, match="pool_size"):
         s.train(bm.train_stream[2])
-
-
-@pytest.mark.parametrize("protocol,count", [("cifar100-10t", 253_440), ("imagenet-r-10t", 944_640)])
-def test_vit_b16_parameter_counts(protocol, count):
-    assert added_params(vit_b16_strategy("dualprompt", protocol, 100).model) == count
-
-
-def test_prompt_lr_mult_splits_head_from_prompts(tiny):
-    assert hparams("dualprompt", "cifar100-10t")["prompt_lr_mult"] == 1.0
-    s = make(tiny, prompt_lr_mult=1.0)  # 1.0: one group at lr, as the code
-    assert len(s.param_groups()) == 1 and "lr" not in s.param_groups()[0]
-    s = make(tiny, lr=0.01, prompt_lr_mult=0.2)
-    prompts, head = s.param_groups()
-    m = s.model
-    assert {id(p) for p in prompts["params"]} == {id(m.g_prompt), id(m.e_prompt), id(m.e_key)}
-    assert {id(p) for p in head["params"]} == {id(p) for p in m.head.parameters()}
-    assert prompts["lr"] == pytest.approx(0.002) and head["lr"] == 0.01
 
 
 def test_prompt_init_pytorch_or_flax(tiny):

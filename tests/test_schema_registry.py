@@ -78,11 +78,111 @@ def test_installed_entry_point_registers_a_method(tmp_path, monkeypatch):
     def fake_entry_points(group=None, **kw):
         return [ep] if group == registry.ENTRY_POINT_GROUP else []
     monkeypatch.setattr(registry, "entry_points", fake_entry_points)
-    monkeypatch.setattr(registry, "_discovered", False)
+    monkeypatch.setattr(registry, "_discovery", "new")
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     assert "ep_method" in registry.names()
     assert registry.get("ep_method").__name__ == "FromEntryPoint"
     sys.modules.pop("ep_pkg", None)
+
+
+def fake_distribution(root, name: str, entry_points: dict[str, str], modules: dict[str, str]):
+    """An installed distribution as pip leaves one: `<name>-0.1.dist-info/` (METADATA and
+    entry_points.txt) beside its modules, all under `root` (put on sys.path by the caller)."""
+    info = root / f"{name.replace('-', '_')}-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(
+        f"[{registry.ENTRY_POINT_GROUP}]\n" + "".join(f"{k} = {v}\n" for k, v in entry_points.items()))
+    for module, body in modules.items():
+        (root / f"{module}.py").write_text(body)
+
+
+BROKEN_DIST = dict(
+    name="promptcl-broken-plugin",
+    # the first entry point is fine and registers; the second fails: neither may stay
+    entry_points={"fine_method": "fine_plugin_mod:Fine", "broken_method": "broken_plugin_mod:Broken"},
+    modules={"fine_plugin_mod": "from methods import PromptStrategy\n\n\nclass Fine(PromptStrategy):\n"
+                                "    DEFAULTS = {'*': {}}\n",
+             "broken_plugin_mod": "import promptcl_no_such_dependency\n"})
+
+
+def test_a_failing_entry_point_is_one_error_naming_its_distribution(tmp_path, monkeypatch):
+    """A distribution whose entry point cannot be imported: PluginError naming the distribution
+    and the import error, at every call (not a silently partial registry), and the methods of its
+    other entry points are not left behind."""
+    import sys
+
+    registry.names()
+    builtins = dict(registry._REGISTRY)
+    fake_distribution(tmp_path, **BROKEN_DIST)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "_discovery", "new")
+    monkeypatch.setattr(registry, "_REGISTRY", dict(builtins))
+    try:
+        for call in (registry.names, lambda: registry.get("head_only"), lambda: registry.load_plugin("x.py")):
+            with pytest.raises(registry.PluginError) as e:
+                call()
+            msg = str(e.value)
+            assert "'promptcl-broken-plugin'" in msg and "'broken_method'" in msg, msg
+            assert "ModuleNotFoundError: No module named 'promptcl_no_such_dependency'" in msg, msg
+            assert registry._REGISTRY == builtins  # no partial registry: fine_method went again
+            assert registry._discovery == "new"  # and the next command tries again
+    finally:
+        for module in ("fine_plugin_mod", "broken_plugin_mod"):
+            sys.modules.pop(module, None)
+
+
+def test_a_fixed_distribution_registers_every_entry_point_after_a_failure(tmp_path, monkeypatch):
+    """After a failed discovery (rolled back), the next one registers every entry point again,
+    a module already imported by the failed try included."""
+    import sys
+
+    registry.names()
+    builtins = dict(registry._REGISTRY)
+    fake_distribution(tmp_path, **{**BROKEN_DIST, "modules": {
+        **BROKEN_DIST["modules"],
+        "mod_plugin": "from methods import PromptStrategy, register\n\n\n@register('from_module')\n"
+                      "class FromModule(PromptStrategy):\n    pass\n"},
+        "entry_points": {"by_module": "mod_plugin", **BROKEN_DIST["entry_points"]}})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "_discovery", "new")
+    monkeypatch.setattr(registry, "_REGISTRY", dict(builtins))
+    try:
+        with pytest.raises(registry.PluginError, match="broken_method"):
+            registry.names()
+        assert "mod_plugin" in sys.modules and registry._REGISTRY == builtins
+        (tmp_path / "broken_plugin_mod.py").write_text(BROKEN_DIST["modules"]["fine_plugin_mod"]
+                                                       .replace("Fine", "Broken"))
+        names = registry.names()
+        assert {"fine_method", "broken_method", "from_module"} <= set(names)
+        assert registry.get("from_module").__module__ == "mod_plugin"
+    finally:
+        for module in ("fine_plugin_mod", "broken_plugin_mod", "mod_plugin"):
+            sys.modules.pop(module, None)
+
+
+@pytest.mark.parametrize("argv", [["--list"], ["--methods", "head_only", "--seeds", "1"]],
+                         ids=["list", "sweep"])
+def test_the_cli_reports_a_failing_entry_point_in_one_line(tmp_path, argv):
+    """The same through `python run_suite.py`: one `error:` line naming the distribution and the
+    import error, exit 2, nothing run or stored."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    site = tmp_path / "site"
+    fake_distribution(site, **BROKEN_DIST)
+    store = tmp_path / "runs.sqlite"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(repo)])}
+    proc = subprocess.run([sys.executable, "run_suite.py", *argv, "--store", str(store), "--threads", "1"],
+                          cwd=repo, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "'promptcl-broken-plugin'" in lines[0] and "promptcl_no_such_dependency" in lines[0]
+    assert not store.exists()
 
 
 def test_a_new_method_file_is_registered_without_editing_any_list(tmp_path):

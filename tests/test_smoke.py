@@ -1,7 +1,11 @@
-"""The real-shape dry run (protocols/smoke.py): its CI form runs every method through 2 tasks of
-cifar100-10t on ViT-B/16 (random weights) and synthetic CIFAR-100 pickles; the rest checks what
-makes a dry run the real shape and never a result."""
+"""The real-shape dry run (protocols/smoke.py). Its reduced form, run here in CI: every method
+through the first 2 tasks of cifar100-10t on ViT-B/16 fed 32 px (`smoke.REDUCED_BACKBONE`, random
+weights) and synthetic CIFAR-100 pickles, every per-task stage counted, and the lower bound through
+the first task at the real 224 px. `PROMPTCL_SMOKE=full` (`make smoke`) runs the 2-task form at
+224 px for every method instead. The rest checks what makes a dry run the real shape and never a
+result."""
 import math
+import os
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -11,7 +15,8 @@ import torch
 from benchmarks import build_stream
 from benchmarks.synthetic import write_fashion_mnist
 from leaderboard.store import RunStore
-from methods import hide_prompt, registry, smope, vq_prompt
+from helpers import added_params, vit_b16_strategy
+from methods import alignment, backbones, hide_prompt, registry, smope
 from methods.alignment import ClassStatistics
 from methods.base import PromptStrategy
 from protocols import smoke
@@ -21,12 +26,18 @@ from protocols.schema import ProtocolError, available, load_protocol, validate
 
 SMOKE_FIELDS = ("kind", "created", "device", "protocol", "backbone", "method", "tasks", "wall_s",
                 "complete", "versions")
+#: `PROMPTCL_SMOKE=full` (`make smoke`): every method through both tasks at the real 224 px
+FULL = os.environ.get("PROMPTCL_SMOKE") == "full"
+#: the backbone every method runs on here
+BACKBONE = smoke.BACKBONE if FULL else smoke.REDUCED_BACKBONE
 
 
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
-    """The CI form, run once: every registered method, cifar100-10t's first 2 tasks, one train
-    and one test image per class. The per-task stages are counted as they run."""
+    """The form run here, once: every registered method through cifar100-10t's first 2 tasks, one
+    train and one test image per class, on `BACKBONE`; in the reduced form, also the lower bound
+    through the first task at 224 px (returned apart). The per-task stages are counted as they
+    run."""
     tmp = tmp_path_factory.mktemp("smoke")
     stages: dict[str, Counter] = defaultdict(Counter)
     current: dict[str, str] = {}
@@ -40,12 +51,12 @@ def dry_run(tmp_path_factory):
         return original, wrapper
 
     def after_task(self, **kw):
-        stages[self.name][f"task_end:{self.task_id}"] += 1
+        stages[current["method"]][f"task_end:{self.task_id}"] += 1
         return after_original(self, **kw)
 
     def dense_forward(self, x):
         if self.dense:
-            stages["smope"]["dense_forward"] += 1
+            stages[current["method"]]["dense_forward"] += 1
         return features_original(self, x)
 
     after_original = PromptStrategy._after_training_exp
@@ -54,9 +65,7 @@ def dry_run(tmp_path_factory):
         mp.setattr(PromptStrategy, "_after_training_exp", after_task)
         mp.setattr(smope.SMoPEModel, "features", dense_forward)
         mp.setattr(ClassStatistics, "update", counting(ClassStatistics, "update", "statistics")[1])
-        for module in (hide_prompt, smope, vq_prompt):
-            mp.setattr(module, "align_classifier",
-                       counting(module, "align_classifier", "alignment")[1])
+        mp.setattr(alignment, "align_classifier", counting(alignment, "align_classifier", "alignment")[1])
         mp.setattr(hide_prompt.HiDePrompt, "_train_tii",
                    counting(hide_prompt.HiDePrompt, "_train_tii", "tii")[1])
         store = RunStore(tmp / "smoke.sqlite")
@@ -65,12 +74,17 @@ def dry_run(tmp_path_factory):
             current["method"] = method
             runs += list(smoke.run_smoke(["cifar100-10t"], [method], store=store,
                                          data_root=tmp / "data", tasks=2, train_per_class=1,
-                                         test_per_class=1, threads=None))
-    return runs, store, stages
+                                         test_per_class=1, threads=None, backbone=BACKBONE))
+        current["method"] = "224 px"
+        full_size = [] if FULL else list(smoke.run_smoke(
+            ["cifar100-10t"], ["head_only"], store=RunStore(tmp / "224.sqlite"),
+            data_root=tmp / "data-224", tasks=1, train_per_class=1, test_per_class=1,
+            threads=None, backbone=smoke.BACKBONE))
+    return runs, store, stages, full_size
 
 
 def test_every_method_lands_a_complete_two_task_record(dry_run):
-    runs, store, _ = dry_run
+    runs, store, _, _ = dry_run
     assert [r.spec.method for r in runs] == registry.names()
     for r in runs:
         assert r.error is None, r.error
@@ -81,14 +95,38 @@ def test_every_method_lands_a_complete_two_task_record(dry_run):
         assert len(acc) == 2 and all(len(row) == 2 for row in acc) and acc[1][0] is None
         assert all(math.isfinite(acc[j][i]) for i in range(2) for j in range(i + 1))
         assert all(math.isfinite(rec["metrics"][m]) for m in ("faa", "caa", "ffm", "bwt", "final_acc"))
-        # real shape: 100 classes in 10 tasks of 10, ViT-B/16 with random weights
+        # real shape: 100 classes in 10 tasks of 10, ViT-B/16 with random weights, and what the
+        # method adds to it exactly as on ViT-B/16 at 224 px (counted on the meta device)
         assert [len(c) for c in rec["classes_per_task"]] == [10] * 10
-        assert len(rec["class_order"]) == 100 and rec["backbone"] == "sup21k"
+        assert len(rec["class_order"]) == 100 and rec["backbone"] == BACKBONE
         assert rec["backbone_sha256"] == "random-init" and rec["spec"]["protocol"]["num_tasks"] == 10
+        real = vit_b16_strategy(rec["method"], "cifar100-10t", 100).model
+        assert rec["cost"]["trainable_params"] == added_params(real)
+        assert rec["cost"]["head_params"] == 768 * 100 + 100
+
+
+def test_the_reduced_form_feeds_vit_b16_32_px_and_224_px_runs_too(dry_run):
+    """The reduced form: the real ViT-B/16 (12 blocks of 768, 12 heads) on a 2 x 2 patch grid;
+    the lower bound's run at 224 px goes through the full-resolution input path."""
+    runs, _, _, full_size = dry_run
+    spec = backbones.get_spec(BACKBONE)
+    assert spec.arch["embed_dim"] == 768 and spec.arch["depth"] == 12 and spec.arch["num_heads"] == 12
+    assert spec.image_size == (224 if FULL else 32)
+    if FULL:
+        assert not full_size
+        return
+    (run224,) = full_size
+    assert run224.error is None, run224.error
+    rec = run224.record
+    assert run224.smoke["complete"] and rec["backbone"] == "sup21k" and len(rec["acc_matrix"]) == 1
+    assert backbones.get_spec(rec["backbone"]).image_size == 224
+    # the cost row counts FLOPs at the input size: 224 px is (197 / 5 tokens) far more per image
+    reduced = next(r.record for r in runs if r.spec.method == "head_only")
+    assert rec["cost"]["gflops_test"] > 30 * reduced["cost"]["gflops_test"]
 
 
 def test_the_records_cannot_pass_for_results(dry_run):
-    runs, store, _ = dry_run
+    runs, store, _, _ = dry_run
     for r in runs:
         rec = r.record
         assert rec["label"] == f"{rec['method']} [smoke]"
@@ -102,7 +140,7 @@ def test_the_records_cannot_pass_for_results(dry_run):
 
 
 def test_every_per_task_stage_ran(dry_run):
-    _, _, stages = dry_run
+    _, _, stages, _ = dry_run
     for method in registry.names():
         if method == "joint":  # trains once on both tasks, then evaluates after each
             assert stages[method]["task_end:0"] == 1
@@ -118,12 +156,12 @@ def test_every_per_task_stage_ran(dry_run):
 
 
 def test_smoke_records_have_every_field(dry_run):
-    runs, _, _ = dry_run
-    for r in runs:
+    runs, _, _, full_size = dry_run
+    for r in runs + full_size:
         s = r.smoke
         assert all(s.get(f) is not None for f in SMOKE_FIELDS), s
-        assert s["kind"] == "smoke" and s["protocol"] == "cifar100-10t" and s["backbone"] == "sup21k"
-        assert s["method"] == r.spec.method and s["tasks"] == 2 and s["wall_s"] > 0
+        assert s["kind"] == "smoke" and s["protocol"] == "cifar100-10t" and s["backbone"] == r.spec.backbone
+        assert s["method"] == r.spec.method and s["tasks"] == len(r.record["acc_matrix"]) and s["wall_s"] > 0
         assert s["device"].startswith("cpu (") and s["versions"]["torch"] == torch.__version__
         assert s["run_key"] == r.record["key"] and s["created"] >= r.record["created"]
         assert r.line().endswith(f"complete in {s['wall_s']:.1f} s")
@@ -205,6 +243,8 @@ def test_clear_errors(tmp_path):
         smoke.smoke_specs(["cub200-10t"], ["l2p"], data_root=tmp_path, train_per_class=3)
     with pytest.raises(registry.UnknownMethodError, match="nope"):
         smoke.smoke_specs(["cifar100-10t"], ["nope"], data_root=tmp_path)
+    with pytest.raises(backbones.BackboneError, match="multiple of sup21k's patch size 16"):
+        smoke.smoke_specs(["cifar100-10t"], ["l2p"], data_root=tmp_path, backbone="sup21k@20")
 
 
 def test_is_complete():
