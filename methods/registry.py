@@ -13,7 +13,10 @@ Hyperparameters resolve in one order for every method: the `Hparams` dataclass d
 method's `DEFAULTS[protocol]` (or `DEFAULTS["*"]`, the generic defaults a method may declare for
 protocols it has no entry for), then `stream_hparams()` (what follows from the stream: tasks,
 classes per task), then the protocol YAML's `methods: {name: {...}}`, then command-line
-overrides. Unknown keys are errors that list the valid ones.
+overrides. Unknown keys are errors that list the valid ones. A field declared with
+`metadata=OMIT_DEFAULT` (a hyperparameter added after runs were published) is left out of the
+resolved hyperparameters while it has its default value, so that the run keys of the published
+runs, hashes of those hyperparameters, stay what they were; the method gets the default either way.
 """
 from __future__ import annotations
 
@@ -36,6 +39,10 @@ _ROLE_ORDER = {"lower bound": 0, "upper bound": 1, "method": 2}
 
 _REGISTRY: dict[str, type[PromptStrategy]] = {}
 _discovered = False
+
+
+#: Field metadata of a hyperparameter that `resolve_hparams` leaves out while it has its default.
+OMIT_DEFAULT = {"omit_default": True}
 
 
 class UnknownMethodError(KeyError):
@@ -225,9 +232,12 @@ def resolve_hparams(name: str, protocol: str | None = None, *overrides: dict[str
                     f"unknown hyperparameter {key!r} for method {name!r}; valid: {', '.join(sorted(valid))}")
             merged[key] = _coerce(value, hints.get(key, Any), f"{name}.{key}")
     try:
-        return dataclasses.asdict(cls.Hparams(**merged))
+        hp = cls.Hparams(**merged)
     except (TypeError, ValueError) as e:  # the dataclass's own checks (choices, ranges)
         raise HparamError(f"{name}: {e}") from None
+    omit = {f.name for f in dataclasses.fields(hp)
+            if f.metadata.get("omit_default") and getattr(hp, f.name) == f.default}
+    return {k: v for k, v in dataclasses.asdict(hp).items() if k not in omit}
 
 
 def create(name: str, **kwargs) -> PromptStrategy:
