@@ -28,8 +28,9 @@ __all__ = ["load_papers", "render_papers", "PapersError", "PAPERS_FILE", "SUITE_
 
 PAPERS_FILE = "papers.yaml"
 PM = "±"
-#: The suite's names for the six methods the papers report, in the order the tables list them.
-SUITE_METHODS = ("l2p", "dualprompt", "coda_prompt", "hide_prompt", "vq_prompt", "smope")
+#: The suite's names for the methods the papers report, in the order the tables list them.
+SUITE_METHODS = ("l2p", "l2p_pp", "deep_l2p_pp", "dualprompt", "coda_prompt", "ovor", "hide_prompt",
+                 "norga", "vq_prompt", "smope")
 #: The suite's protocols and backbones that papers report on (protocols.md §1, §3).
 REAL_PROTOCOLS = ("cifar100-10t", "imagenet-r-5t", "imagenet-r-10t", "imagenet-r-20t", "cub200-10t")
 REAL_BACKBONES = ("sup21k", "sup1k", "ibot1k", "dino1k")
@@ -547,8 +548,8 @@ def render_papers(records: Iterable[Mapping[str, Any]], papers: Mapping | None =
              f"table `main`; mean {PM} sample std (ddof 1) over seeds, `n/a` with one seed; "
              "Δ = suite minus paper. The papers' std is over their own runs (the CODA-Prompt and SMoPE "
              "code use `np.std`, the population std). \"not run yet\": no such run is recorded; "
-             "\"(?)\": a value the specs flag as uncertain (see the notes). A method the suite does not "
-             "have (Deep L2P++, L2P++, OVOR, NoRGa) is listed as published, with no suite numbers.",
+             "\"(?)\": a value the specs flag as uncertain (see the notes). A variant the suite does not "
+             "have (VQ-Prompt-S) is listed as published, with no suite numbers.",
              "",
              (f"Suite runs used: {len(used)}, newest recorded {newest}." if used
               else "Suite runs used: none yet (no usable run on these protocols is recorded)."), ""]
