@@ -193,9 +193,9 @@ class OVOR(PromptStrategy):
       `last_epoch` reset (utils/schedulers.py:22-23, 56-57; learners/default.py:111-112, 138).
     - Head initialised at zero (suite convention, methods/base.py); the code's nn.Linear default.
     - fmnist-5t (tiny ViT: 6 blocks, 64-d): the code's prompt layers and lengths; batch 32; one
-      VOR epoch (the code's 4:1 split of 2-3 regular epochs rounds to 1); lr and regular epochs by
-      the rule shared with the other methods (best FAA on seeds 0-1 among lr {0.005, 0.01, 0.02} x
-      epochs {2, 3}; docs/tuning.md).
+      VOR epoch (the code's 4:1 split of 2-3 regular epochs rounds to 1); 2 regular epochs at lr
+      0.005, the best FAA on seeds 0-1 among lr {0.005, 0.01, 0.02} x epochs {2, 3}, the rule
+      shared with the other methods (docs/tuning.md).
     """
 
     description = ("OVOR: one shared prefix prompt (layers 0-4, no selection, one ViT pass) and "
