@@ -98,6 +98,7 @@ def test_vit_b16_parameter_counts():
     for protocol, classes in (("cifar100-10t", 100), ("imagenet-r-10t", 200)):
         with torch.device("meta"):
             m = NoRGaModel(vit_b, classes, NoRGaHparams(**hparams("norga", protocol)))
-        counts[protocol] = m.prompts.numel() + m.act_scale.numel() + sum(p.numel() for p in m.head.parameters())
+        head = sum(p.numel() for p in m.head.parameters())
+        counts[protocol] = m.prompts.numel() + m.act_scale.numel() + head
         assert m.act_scale.numel() == 10
     assert counts == {"cifar100-10t": 460_910, "imagenet-r-10t": 1_689_810}

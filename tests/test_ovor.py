@@ -21,8 +21,9 @@ def test_defaults_cover_every_protocol():
         hp = hparams("ovor", p)
         assert (hp["g_layers"], hp["g_length"], hp["e_layers"], hp["e_length"]) == ([0, 1], 10, [2, 3, 4], 40)
         assert hp["vor_epochs"] >= 1
-    assert (hparams("ovor", "cifar100-10t")["epochs"], hparams("ovor", "cifar100-10t")["vor_epochs"]) == (16, 4)
-    assert (hparams("ovor", "imagenet-r-10t")["epochs"], hparams("ovor", "imagenet-r-10t")["vor_epochs"]) == (40, 10)
+    for protocol, regular, vor in (("cifar100-10t", 16, 4), ("imagenet-r-10t", 40, 10)):
+        hp = hparams("ovor", protocol)
+        assert (hp["epochs"], hp["vor_epochs"]) == (regular, vor)
     assert (cls.passes_train, cls.passes_test) == (1, 1)
     assert cls.ABLATION[0] == ("OnePrompt", {"vor_epochs": 0}) and cls.ABLATION[-1][1] == {}
 
@@ -81,7 +82,8 @@ def test_vor_loss_on_a_fixed_case():
     got = vor_loss(id_logits, ood_logits, thres_id=-15, thres_ood=-3, lmda=0.1)
     assert got.item() == pytest.approx(0.1 * (id_term + ood_term), rel=1e-6)
     mse = vor_loss(id_logits, ood_logits, thres_id=-15, thres_ood=-3, lmda=0.1, huber=False)
-    expected = 0.1 * (sum(max(e + 15, 0) ** 2 for e in e_id) / 2 + sum(max(-3 - e, 0) ** 2 for e in e_ood) / 2)
+    expected = 0.1 * (sum(max(e + 15, 0) ** 2 for e in e_id) / 2
+                      + sum(max(-3 - e, 0) ** 2 for e in e_ood) / 2)
     assert mse.item() == pytest.approx(expected, rel=1e-6)
 
 
