@@ -29,8 +29,9 @@ from .records import newest_created, usable
 __all__ = ["load_papers", "render_papers", "PapersError", "PAPERS_FILE", "SUITE_METHODS", "REAL_BACKBONES"]
 
 PAPERS_FILE = "papers.yaml"
-#: The suite's names for the six methods the papers report, in the order the tables list them.
-SUITE_METHODS = ("l2p", "dualprompt", "coda_prompt", "hide_prompt", "vq_prompt", "smope")
+#: The suite's names for the methods the papers report, in the order the tables list them.
+SUITE_METHODS = ("l2p", "l2p_pp", "deep_l2p_pp", "dualprompt", "coda_prompt", "ovor", "hide_prompt",
+                 "norga", "vq_prompt", "smope")
 #: The suite's backbones that papers report on (docs/sources.md#backbones; the protocols:
 #: `protocols.record.REAL_PROTOCOLS`, docs/sources.md#data).
 REAL_BACKBONES = ("sup21k", "sup1k", "ibot1k", "dino1k")
@@ -533,8 +534,8 @@ def render_papers(records: Iterable[Mapping[str, Any]], papers: Mapping | None =
              f"table `main`; mean {PM} sample std (ddof 1) over seeds, `n/a` with one seed; "
              "Δ = suite minus paper. The papers' std is over their own runs (the CODA-Prompt and SMoPE "
              "code use `np.std`, the population std). \"not run yet\": no such run is recorded; "
-             "\"(?)\": a value whose provenance is uncertain (see the notes). A method the suite does not "
-             "have (Deep L2P++, L2P++, OVOR, NoRGa) is listed as published, with no suite numbers.",
+             "\"(?)\": a value whose provenance is uncertain (see the notes). A variant the suite does not "
+             "have (VQ-Prompt-S) is listed as published, with no suite numbers.",
              "",
              (f"Suite runs used: {len(used)}, newest recorded {newest}." if used
               else "Suite runs used: none yet (no usable run on these protocols is recorded)."), ""]

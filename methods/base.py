@@ -125,6 +125,11 @@ def check_hparams(hp: Any) -> None:
         for f in getattr(cls, "__dataclass_fields__", {}).values():
             if LIMITS in f.metadata:
                 declared[f.name] = f.metadata[LIMITS]
+    for f in fields(hp):  # every number finite first, so a bound naming another field is a number
+        value = getattr(hp, f.name)
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"{f.name} must be a finite number, got {v}")
     for f in fields(hp):
         declared.get(f.name, Limits()).check(f.name, getattr(hp, f.name), hp)
 

@@ -144,8 +144,13 @@ class CodaPrompt(PromptStrategy):
       the code projects on each earlier component in turn (exact only while they stay orthogonal).
     - Earlier slices are frozen by leaving them out of the optimizer rather than by `detach()`, so
       they stay bit-equal whatever the optimizer (weight decay included).
-    - Schedule: the suite's per-iteration cosine to 0; the code decays per epoch as
-      cos(99*pi*e / (200*(E-1))), to about 1.6% of the base rate.
+    - Schedule: the suite's per-iteration cosine to 0. The code decays per epoch as
+      cos(99*pi*e / (200*(E-1))) (GT-RIPL/CODA-Prompt utils/schedulers.py:53-54), but its
+      scheduler resets `last_epoch` to -1 after its own `step(0)` (:19-20; :24-25 of the same file
+      in the SMoPE code) and steps only from the second epoch on (learners/default.py:95), so
+      epochs 0 and 1 run at the base rate and epoch e >= 1 at cos(99*pi*(e-1) / (200*(E-1))):
+      the last of 20 epochs at about 9.7% of the base rate (cos(99*pi*18/3800) = 0.0974), not
+      the formula's 1.6% at e = E-1.
     - CUB (not in the paper): 20 epochs, as VQ-Prompt's CUB runs of the CODA code base.
     - Logits: past classes masked in training CE and unseen classes at test, as the code.
     - fmnist-5t (64-d tiny ViT): 20 components (4 per task, fewer than the 64 dimensions so

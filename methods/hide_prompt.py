@@ -89,6 +89,10 @@ class HiDeHparams(Hparams):
     contrast_tau: float = hparam(0.8, gt=0)
     prompt_momentum: float = hparam(0.01, ge=0, le=1)
     n_centroids: int = hparam(10, ge=1)  # k-means centroids per class, both statistics
+    # the class statistics' covariance, both stages: "diag" (the code's default
+    # `--ca_storage_efficient_method multi-centroid` keeps per-centroid variances) or "full"
+    # (`covariance`, one full covariance per class; NoRGa's scripts choose it)
+    covariance: str = added_hparam("diag", choices=("diag", "full"))
     tap_epochs: int = hparam(30, ge=0)
     tap_samples_per_class: int = hparam(1200, ge=1)  # 120 per centroid; also the batch (per centroid x 1)
     tap_batch_size: int = hparam(120, ge=1)
@@ -157,14 +161,19 @@ class HiDeModel(PromptModel):
         """Prompted final-LN [CLS]; prompt is (layers, 2, L, D) for all or (B, layers, 2, L, D).
         `mixing`: the key/value halves mixed across the batch as the reference code's reshape."""
         if mixing:
-            if prompt.dim() == 4:
-                prompt = prompt.expand(x.shape[0], *prompt.shape)
-            prompt = torch.stack([mix_prefix_halves(prompt[:, i]) for i in range(len(self.layers))], 1)
+            prompt = self.mixed(prompt, x.shape[0])
         if prompt.dim() == 4:
             prefix = {l: (prompt[i, 0], prompt[i, 1]) for i, l in enumerate(self.layers)}
         else:
             prefix = {l: (prompt[:, i, 0], prompt[:, i, 1]) for i, l in enumerate(self.layers)}
         return self.vit(x, prefix=prefix)
+
+    def mixed(self, prompt: Tensor, batch: int) -> Tensor:
+        """(B, layers, 2, L, D) per-image prompts with each layer's key/value halves mixed across the
+        batch as the reference code's reshape without a permute mixes them (`mix_prefix_halves`)."""
+        if prompt.dim() == 4:
+            prompt = prompt.expand(batch, *prompt.shape)
+        return torch.stack([mix_prefix_halves(prompt[:, i]) for i in range(len(self.layers))], 1)
 
     @torch.no_grad()
     def predict_task(self, x: Tensor) -> Tensor:
@@ -230,12 +239,12 @@ class HiDePrompt(PromptStrategy):
             AlignmentConfig(epochs=hp.tii_align_epochs, samples_per_class=hp.tii_align_samples_per_class,
                             batch_size=hp.tii_align_batch_size, lr=hp.tii_align_lr, optimizer="sgd",
                             momentum=0.9, weight_decay=0.0, schedule="cosine"),
-            n_centroids=hp.n_centroids)
+            covariance=hp.covariance, n_centroids=hp.n_centroids)
         self.tap = AlignmentStage(
             AlignmentConfig(epochs=hp.tap_epochs, samples_per_class=hp.tap_samples_per_class,
                             batch_size=hp.tap_batch_size, lr=hp.tap_lr, optimizer="sgd", momentum=0.9,
                             weight_decay=0.0, schedule="cosine"),
-            n_centroids=hp.n_centroids)
+            covariance=hp.covariance, n_centroids=hp.n_centroids)
 
     @classmethod
     def stream_hparams(cls, num_tasks: int, classes_per_task: list[int]) -> dict:
@@ -321,7 +330,7 @@ class HiDePrompt(PromptStrategy):
 
     def task_end(self) -> None:
         """Fix P_t to its blend, instructed statistics, then (t > 0) TAP: re-fit the main head."""
-        t, m = self.task_id, self.model
+        t, m, hp = self.task_id, self.model, self.hp
         with torch.no_grad():
             m.prompts[t].copy_(m.training_prompt(t))
         prompt = m.prompts[t].detach()

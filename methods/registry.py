@@ -13,7 +13,10 @@ Hyperparameters resolve in one order for every method: the `Hparams` dataclass d
 method's `DEFAULTS[protocol]` (or `DEFAULTS["*"]`, the generic defaults a method may declare for
 protocols it has no entry for), then `stream_hparams()` (what follows from the stream: tasks,
 classes per task), then the protocol YAML's `methods: {name: {...}}`, then command-line
-overrides. Unknown keys are errors that list the valid ones.
+overrides. Unknown keys are errors that list the valid ones. A field declared with
+`added_hparam` (a hyperparameter added after runs were published) is left out of the resolved
+hyperparameters while it has its default value, so that the run keys of the published runs,
+hashes of those hyperparameters, stay what they were; the method gets the default either way.
 """
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .alignment import AlignmentConfig, AlignmentStage, collect_features
-from .base import Hparams, PromptModel, PromptStrategy, TaskStages, hparam
+from .base import Hparams, PromptModel, PromptStrategy, TaskStages, added_hparam, hparam
 from .registry import register
 from .vit import PromptedViT
 
@@ -71,6 +71,10 @@ class SMoPEHparams(Hparams):
     # "code": mean over experts with F > 0 | "paper": over all N_p
     noise_threshold: str = hparam("code", choices=("code", "paper"))
     exclude_unused: bool = False  # test routing: True = the code's F = 0 exclusion (see SMoPE)
+    # routing of the per-task counting pass: "suite" = plain top-K unless `exclude_unused`;
+    # "official" = the code's, which always leaves out the experts never used so far (see SMoPE).
+    # Added after the fmnist-5t records were published: left out of the run key at its default.
+    count_rule: str = added_hparam("suite", choices=("suite", "official"))
     dense_warmup: bool = True  # task 0: int(E/2) epochs with every expert before sparse training
     router_loss: bool = True
     alpha_router: float = hparam(1e-5, ge=0)
@@ -116,6 +120,7 @@ class SMoPEModel(PromptModel):
         self.register_buffer("frequent", torch.zeros(shape[:3], dtype=torch.bool))
         self.register_buffer("old_key", self.key.detach().clone())
         self.dense = False  # set by the strategy during the task-0 warm-up
+        self.counting = False  # set by the strategy during its per-task counting pass
         self.routing: list[Routing] = []  # per prompted layer, from the last forward
         self.record_attention = False  # reference path only: keep the expert attention weights
         self.attention_weights: dict[int, Tensor] = {}  # layer -> (B, H, N, E)
@@ -158,13 +163,15 @@ class SMoPEModel(PromptModel):
         return s.topk(self.hp.top_k, dim=-1).indices
 
     def penalty(self, i: int) -> Tensor | None:
-        """(H, E) selection penalty coefficients of layer `i` in the current mode, or None."""
+        """(H, E) selection penalty coefficients of layer `i` in the current mode, or None: the
+        adaptive noise while training; at evaluation the never-used experts' penalty under
+        `exclude_unused`, and in the counting pass under `count_rule="official"`."""
         hp = self.hp
         if self.training:
             if hp.noise and hp.eps != 0:
                 return hp.eps * self.frequent[i].float()
             return None
-        if hp.exclude_unused:
+        if hp.exclude_unused or (self.counting and hp.count_rule == "official"):
             return UNUSED_PENALTY * (self.counts[i] == 0).float()
         return None
 
@@ -298,12 +305,21 @@ class SMoPE(PromptStrategy):
 
     Switches and named choices:
     - `exclude_unused` (test-time routing). The code's evaluation rule gives never-selected
-      experts (F = 0) a penalty of 2 * range, i.e. excludes them. The reference code keeps F in
-      Python attributes that no checkpoint stores, and its reported metrics come from a fresh model
-      reloaded per task, where every F = 0 and the rule is a no-op; only its printed in-training
-      evaluation excludes. Default False = the behaviour behind the published numbers; True = the
-      rule as written. The suite registers F, the flags and the old-key snapshot as buffers, so
-      they survive save/load (the reference code loses them).
+      experts (F = 0) a penalty of 2 * range, i.e. excludes them (models/zoo.py:170-171). The
+      reference code keeps F in Python attributes that no checkpoint stores, and its reported
+      metrics come from a fresh model reloaded per task, where every F = 0 and the rule is a no-op
+      at test; the rule acts on its printed in-training evaluation and on its per-task counting
+      pass (below), where F is in memory. Default False = the test-time behaviour behind the
+      published numbers; True = the rule as written. The suite registers F, the flags and the
+      old-key snapshot as buffers, so they survive save/load (the reference code loses them).
+    - `count_rule` (routing of the per-task counting pass). The code counts with an evaluation
+      forward (learners/prompt.py:408-419), so that rule always applies there: batch by batch,
+      the experts whose count is still 0 (over earlier tasks and the pass's earlier batches) get
+      the 2 * range penalty in every layer's selection, which changes the later layers' inputs
+      and so some of their raw top-K counts. Default "suite": the counting pass routes with plain
+      top-K unless `exclude_unused` (a departure, kept because the published records were made
+      with it); "official": the code's rule, in a counting pass of its own before the statistics
+      pass (`--set smope.count_rule=official` gives its own labelled row).
     - `noise_threshold`: "code" flags F >= sum F / #(F > 0) (default); "paper" (poster) flags
       F >= sum F / N_p.
     - `attn_impl`: "fused" (SDPA, default) or "reference" (explicit softmax); equal to 1e-5.
@@ -317,11 +333,17 @@ class SMoPE(PromptStrategy):
       its first `schedule[0]` iterations at 1e-6 (its first step at the full lr), decays to 1e-6,
       and CUB uses a per-epoch cosine; none of these is reproduced.
     - The counting pass sees every training image of the task once (training transform, as the
-      code); the code reuses its shuffled training loader, so `drop_last` can skip a few.
+      code); the code reuses its shuffled training loader, so `drop_last` can skip a few. It
+      counts each image's raw top-K, as the code (models/zoo.py:215-228); under the default
+      `count_rule="suite"` its forward routes without the code's never-used rule (see above).
     - A head whose counts are all zero flags nothing at the next task (the code would flag every
       expert; it cannot happen in the code, whose counting pass always runs).
     - Classifier alignment: AdamW at ca_lr = 1e-5 (the code's ca_lr / 10) with a per-iteration
-      cosine to 1e-6; the code's first alignment step at 1e-4 (scheduler quirk) is not reproduced.
+      cosine to 1e-6. The code's scheduler (utils/schedulers.py:95-97) sets the optimizer's own
+      rate (1e-4, trainer.py:519-525) for the first step and then resets `last_iter` to -1 after
+      its own `step(0)`, so its step i >= 1 runs at the rate scheduled for step i - 1: one step
+      behind the schedule for the whole stage. Neither the 10x first step nor the lag is
+      reproduced.
     - The router loss keeps the code's form (log-softmax CE on unscaled scores with an eps * range
       margin), not the poster's ratio without log or margin; eps sets the margin even when
       `noise=False`. Prototype targets use the old keys, as the code.
@@ -402,7 +424,7 @@ class SMoPE(PromptStrategy):
     def task_stages(cls, hp: SMoPEHparams, task: int) -> TaskStages:
         """Task 0's int(E/2) dense epochs, and the one or two no-grad passes of `task_end`."""
         count = (hp.sparse and (hp.noise or hp.exclude_unused)) or hp.proto_loss
-        passes = int(hp.alignment) + int(count and (not hp.alignment or hp.exclude_unused))
+        passes = int(hp.alignment) + int(count and cls.separate_count(hp))
         warmup = int(0.5 * hp.epochs) if task == 0 and hp.dense_warmup else 0
         return TaskStages(extra_epochs=warmup, no_grad_passes=passes)
 
@@ -420,25 +442,34 @@ class SMoPE(PromptStrategy):
         """Counting pass, class statistics and classifier alignment
         (docs/sources.md#smope-training-schedule).
 
-        The code runs the counting pass and the statistics pass one after the other. Both are
-        no-grad passes over the task's training images with the evaluation routing, which reads
-        the counts only under `exclude_unused`; otherwise one shared pass gives the same counts
-        and features, and the suite runs one."""
+        The code runs the counting pass and the statistics pass one after the other, both no-grad
+        passes over the task's training images. Its counting forward always routes with the
+        never-used rule, since its counts are in memory (`count_rule="official"`); the suite's
+        default counting routes as the statistics pass does, which reads the counts only under
+        `exclude_unused`. When neither reads the counts, one shared pass gives the same counts and
+        features, and the suite runs one; otherwise the counting pass runs first, on its own."""
         hp = self.hp
         count = (hp.sparse and (hp.noise or hp.exclude_unused)) or hp.proto_loss
-        if count and (not hp.alignment or hp.exclude_unused):
+        if count and self.separate_count(hp):
             self.training_pass(count=True)
             count = False
         if hp.alignment:
             self.align(*self.training_pass(count=count))
 
+    @staticmethod
+    def separate_count(hp: SMoPEHparams) -> bool:
+        """Whether the counting pass runs on its own rather than inside the statistics pass: no
+        statistics pass, or a routing that reads the counts as they grow."""
+        return not hp.alignment or hp.exclude_unused or hp.count_rule == "official"
+
     @torch.no_grad()
     def training_pass(self, count: bool) -> tuple[Tensor, Tensor]:
         """One no-grad pass over the task's training images (training transform, as the code):
         returns the head's input features and labels; with `count`, adds every image's raw top-K
-        per layer and head to the counts F (the forward routes with the evaluation rule, as the
-        code's counting pass does)."""
+        per layer and head to the counts F, batch by batch (the forward routes with the
+        evaluation rule, plus the never-used rule under `count_rule="official"`)."""
         self.model.eval()
+        self.model.counting = count
 
         def features(x: Tensor) -> Tensor:
             f = self.model.features(x)
@@ -447,7 +478,10 @@ class SMoPE(PromptStrategy):
             return f
         batches = self.loader(self.experience.dataset, train_transform=True,
                               batch_size=self.hp.batch_size)
-        return collect_features(features, batches)
+        try:
+            return collect_features(features, batches)
+        finally:
+            self.model.counting = False
 
     def align(self, features: Tensor, labels: Tensor) -> None:
         """Statistics of the current classes (prompted final-LN [CLS] of training images, one

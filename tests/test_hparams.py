@@ -42,12 +42,16 @@ def refused(name: str, key: str, value) -> str:
 
 @pytest.mark.parametrize("name", METHODS)
 def test_every_numeric_hparam_declares_its_range(name):
-    """A method's numbers say what they may be: a lower bound at least (all are counts, epochs,
-    rates, weights or temperatures), so a negative or zero value that means nothing is refused."""
+    """A method's numbers say what they may be: a lower bound at least for counts, epochs, rates,
+    weights and temperatures, so a negative or zero value that means nothing is refused; a signed
+    threshold (OVOR's energy margins) at least its order against its partner."""
     for f in numeric_fields(name):
         limits = declared(name, f.name)
-        assert limits is not None and (limits.ge is not None or limits.gt is not None), \
+        assert limits is not None and any(b is not None for b in (limits.ge, limits.gt, limits.le, limits.lt)), \
             f"{name}.{f.name}: declare its range with hparam(default, ge=... / gt=...)"
+        if not f.name.startswith("thres_"):
+            assert limits.ge is not None or limits.gt is not None, \
+                f"{name}.{f.name}: declare its lower bound with hparam(default, ge=... / gt=...)"
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -120,11 +124,12 @@ def test_limits_are_inherited_and_compose_with_added_hparam():
 
 # ------------------------------------------------------------------------------ end to end
 
-def cli(tmp_path, capsys, *argv: str) -> str:
-    """`run_suite.py ARGV` on a store and records folder of its own; the one stderr line."""
-    base = ["--store", str(tmp_path / "runs.sqlite"), "--records-dir", str(tmp_path / "records"),
-            "--leaderboard-dir", str(tmp_path / "lb"), "--data-root", str(tmp_path / "data"),
+def cli(tmp_path, capsys, *argv: str, command: str = "sweep") -> str:
+    """`run_suite.py COMMAND ARGV` on a store and records folder of its own; the one stderr line."""
+    base = [command, "--store", str(tmp_path / "runs.sqlite"), "--data-root", str(tmp_path / "data"),
             "--threads", "1", "--workers", "1", "--quiet"]  # run logs would go beside the store
+    if command == "sweep":
+        base += ["--records-dir", str(tmp_path / "records"), "--leaderboard-dir", str(tmp_path / "lb")]
     try:
         code = run_suite.main(base + list(argv))
     except SystemExit as e:  # argparse exits instead of returning
@@ -147,7 +152,7 @@ def cli(tmp_path, capsys, *argv: str) -> str:
 def test_a_bad_set_is_one_line_before_anything_runs(tmp_path, capsys, setting, says, dry_run):
     method = setting.split(".")[0]
     line = cli(tmp_path, capsys, "--methods", method, "--seeds", "1", "--set", setting,
-               *(["--dry-run"] if dry_run else []))
+               command="dry-run" if dry_run else "sweep")
     assert line == "error: " + says
     assert not any(tmp_path.iterdir())  # no store, no records, no logs, no page
 

@@ -104,6 +104,9 @@ def test_methods_without_runs_say_not_run_yet_and_others_say_no_suite_method(pap
     row = row_for(md, "cifar100-10t · sup1k", "VQ-Prompt", "VQ-Prompt paper, Table 2")
     assert row["suite FAA"] == "not run yet" and row["Δ FAA"] == ""
     row = row_for(md, "cifar100-10t · sup1k", "NoRGa", "SMoPE poster")
+    assert row["suite FAA"] == "not run yet" and row["suite method"] == "norga"
+    row = row_for(md, "imagenet-r-10t · sup1k", "VQ-Prompt-S (VQ-Prompt without representation statistics)",
+                  "VQ-Prompt paper, Table 5")
     assert row["suite FAA"] == "no suite method"
     row = row_for(md, "cifar100-10t · sup1k", "SMoPE", "SMoPE poster")
     assert row["suite FAA"] != "not run yet"

@@ -161,8 +161,9 @@ def test_a_fixed_distribution_registers_every_entry_point_after_a_failure(tmp_pa
             sys.modules.pop(module, None)
 
 
-@pytest.mark.parametrize("argv", [["--list"], ["--methods", "head_only", "--seeds", "1"]],
-                         ids=["list", "sweep"])
+@pytest.mark.parametrize("argv", [["list"], ["report", "--leaderboard-dir", "{tmp}/pages"],
+                                  ["--methods", "head_only", "--seeds", "1", "--threads", "1"]],
+                         ids=["list", "report", "sweep"])
 def test_the_cli_reports_a_failing_entry_point_in_one_line(tmp_path, argv):
     """The same through `python run_suite.py`: one `error:` line naming the distribution and the
     import error, exit 2, nothing run or stored."""
@@ -176,13 +177,16 @@ def test_the_cli_reports_a_failing_entry_point_in_one_line(tmp_path, argv):
     fake_distribution(site, **BROKEN_DIST)
     store = tmp_path / "runs.sqlite"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(repo)])}
-    proc = subprocess.run([sys.executable, "run_suite.py", *argv, "--store", str(store), "--threads", "1"],
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    if argv[0] != "list":
+        argv += ["--store", str(store)]
+    proc = subprocess.run([sys.executable, "run_suite.py", *argv],
                           cwd=repo, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert "'promptcl-broken-plugin'" in lines[0] and "promptcl_no_such_dependency" in lines[0]
-    assert not store.exists()
+    assert not store.exists() and not (tmp_path / "pages").exists()
 
 
 def test_a_new_method_file_is_registered_without_editing_any_list(tmp_path):

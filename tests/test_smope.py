@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from methods import backbones, registry
-from methods.smope import SMoPE
+from methods.smope import SMoPE, SMoPEHparams
 from helpers import hparams, vit_b16
 
 warnings.filterwarnings("ignore", message="No loggers specified")
@@ -336,3 +336,104 @@ def test_vit_b16_parameters_passes_and_flops():
     l2p = cost.cost_row("l2p", vit, 100, hparams("l2p", "cifar100-10t"), device="meta")
     assert ours["trainable_params"] == 230_400 and ours["passes_test"] == 1
     assert ours["gflops_test"] <= 0.52 * l2p["gflops_test"]
+
+
+# ---------------------------------------------------------------- the counting pass's routing
+def raw_topk_histogram(m) -> torch.Tensor:
+    """(L, H, E) how often each expert is in an image's raw top-K in the last forward."""
+    out = torch.zeros_like(m.counts)
+    for i, r in enumerate(m.routing):
+        top = r.scores.topk(K, dim=-1).indices  # (B, H, 1, K)
+        for h in range(top.shape[1]):
+            out[i, h] += torch.bincount(top[:, h].flatten(), minlength=E)
+    return out
+
+
+def test_official_counting_leaves_out_never_used_experts_where_suite_counting_does_not():
+    """A hand-made case: layer 0's raw favourite of image 0 in head 0 has never been used. The
+    code's counting forward (`count_rule="official"`) routes around it with the 2 * range penalty;
+    the suite's default counting keeps it. Both count the raw top-K."""
+    x = images(4)
+    selected, counted = {}, {}
+    for rule in ("suite", "official"):
+        s = strategy(count_rule=rule)
+        m = s.model.eval()
+        with torch.no_grad():
+            m(x)
+        favourite = int(m.routing[0].scores[0, 0, 0].argmax())
+        m.counts.fill_(1)
+        m.counts[0, 0, favourite] = 0
+        m.counting = True
+        with torch.no_grad():
+            m(x)
+        r = m.routing[0]
+        s_ = r.scores.detach()
+        spread = s_.amax(-1, keepdim=True) - s_.amin(-1, keepdim=True)
+        coef = 2.0 * (m.counts[0] == 0).float() if rule == "official" else torch.zeros(4, E)
+        expected = (s_ - coef[None, :, None, :] * spread).topk(K, dim=-1).indices
+        assert torch.equal(r.selected, expected)
+        selected[rule] = favourite in r.selected[0, 0, 0].tolist()
+        counted[rule] = raw_topk_histogram(m)[0]
+    assert selected == {"suite": True, "official": False}
+    assert torch.equal(counted["suite"], counted["official"])  # layer 0's raw top-K is the same
+
+
+def test_official_counting_pass_equals_the_code_loop_batch_by_batch():
+    """The code's loop (learners/prompt.py:408-419 with models/zoo.py:170-171, 215-228): per
+    batch, route with the penalty on the experts whose count is still 0, then add the raw top-K
+    to the counts; the next batch sees the new counts. Hand-made start: every head's favourite
+    expert has never been used, every other expert once."""
+    bm = stream(tasks=1, n_train=24)  # 48 images, 6 batches of 8
+    s = strategy(count_rule="official", batch_size=8)
+    s.experience = bm.train_stream[0]
+    m = s.model.eval()
+    batches = [x for x, _ in s.loader(s.experience.dataset, train_transform=True, batch_size=8)]
+    with torch.no_grad():
+        m(batches[0])
+    start = torch.ones_like(m.counts)
+    for i, r in enumerate(m.routing):
+        start[i, torch.arange(start.shape[1]), r.scores[:, :, 0].mean(0).argmax(-1)] = 0
+
+    def code_loop(per_batch: bool) -> torch.Tensor:
+        counts = start.clone()
+        rule = counts if per_batch else start.clone()  # the counts the penalty reads
+        m.penalty = lambda i: 2.0 * (rule[i] == 0).float()
+        for x in batches:
+            with torch.no_grad():
+                m(x)
+            counts += raw_topk_histogram(m)
+        del m.penalty  # back to the class's method
+        return counts
+
+    reference, frozen = code_loop(per_batch=True), code_loop(per_batch=False)
+    assert not torch.equal(reference, frozen)  # the case tells batch-by-batch from frozen counts
+    m.counts.copy_(start)
+    s.training_pass(count=True)
+    assert torch.equal(m.counts, reference) and not m.counting
+    assert torch.equal(m.counts.sum(-1), start.sum(-1) + 48 * K)
+
+
+def test_count_rule_passes_and_run_keys():
+    suite, official = SMoPEHparams(), SMoPEHparams(count_rule="official")
+    assert SMoPE.task_stages(suite, 1).no_grad_passes == 1  # counting shares the statistics pass
+    assert SMoPE.task_stages(official, 1).no_grad_passes == 2  # its own pass first
+    with pytest.raises(ValueError, match="count_rule"):
+        SMoPEHparams(count_rule="paper")
+    # at its default the field is left out of the resolved spec, so no published key changes
+    assert "count_rule" not in hparams("smope", "fmnist-5t")
+    assert hparams("smope", "fmnist-5t", {"count_rule": "official"})["count_rule"] == "official"
+
+
+def test_every_published_smope_key_is_what_this_code_resolves():
+    import json
+    from pathlib import Path
+
+    from protocols.runner import spec_key
+    from protocols.sweep import SweepRequest, plan
+
+    path = Path(__file__).resolve().parent.parent / "leaderboard" / "records" / "fmnist-5t__tiny.jsonl"
+    published = {r["key"] for r in map(json.loads, path.read_text().splitlines())
+                 if r["method"] == "smope"}
+    assert len(published) >= 60
+    planned = {spec_key(s) for s in plan(SweepRequest(methods=["smope"], ablations=["all"], seeds=5))}
+    assert published <= planned
