@@ -96,8 +96,9 @@ def options() -> dict[str, tuple[tuple[str, ...], dict]]:
             choices=["fp32", "bf16"], default="fp32",
             help="bf16: autocast of the minibatch forward (for GPUs; part of the run key)")),
         # where things are
-        "data_root": (("--data-root",), dict(default=os.environ.get("PROMPTCL_DATA_ROOT", "data"),
-                                             help="folder of the data sets (default data/, or $PROMPTCL_DATA_ROOT)")),
+        "data_root": (("--data-root",), dict(
+            default=None, help="folder of the data sets (default data/, or $PROMPTCL_DATA_ROOT); a folder you "
+                               "name is never replaced by the system copy of Fashion-MNIST")),
         "weights_dir": (("--weights-dir",), dict(default="pretrained", help="folder of the ViT-B/16 checkpoints")),
         "store": (("--store",), dict(default="results/suite.sqlite",
                                      help="the local SQLite run store (default %(default)s)")),
@@ -367,8 +368,8 @@ def check_sweep(args):
     from protocols.runner import RunOptions
     from protocols.sweep import check_options
 
-    options = RunOptions(data_root=args.data_root, weights_dir=args.weights_dir, device=args.device,
-                         eval_batch_size=args.eval_batch_size, quiet=not args.verbose,
+    options = RunOptions(data_root=args.data_root, system_copy=args.system_copy, weights_dir=args.weights_dir,
+                         device=args.device, eval_batch_size=args.eval_batch_size, quiet=not args.verbose,
                          download=args.download, allow_download=args.allow_download,
                          threads=args.threads, loader_workers=args.loader_workers, log_dir=log_dir(args))
     check_options(options, args.executor, args.workers, gpus_per_run=args.gpus_per_run,
@@ -381,9 +382,17 @@ def check_sweep(args):
 
 def require_inputs(specs, options) -> None:
     """Refuse to start while any data set or checkpoint the planned runs read is missing or
-    damaged (NotReadyError naming every one of them and the fetch command)."""
+    damaged (NotReadyError naming every one of them and the fetch command); say so when the data
+    is the system copy (only ever used when no --data-root was given)."""
     from protocols import prepare
-    prepare.require(prepare.requirements_for_runs(specs, options))
+    from protocols.errors import NotReadyError
+
+    states = prepare.inspect(prepare.requirements_for_runs(specs, options))
+    problems = [s for s in states if not s.ok]
+    if problems:
+        raise NotReadyError(prepare.format_problems(problems))
+    for s in prepare.from_system_copy(states):
+        print(f"{s.requirement.title}: the system copy in {s.path} (no --data-root given)")
 
 
 def executor_for(args, n_todo: int) -> tuple[str, dict]:
@@ -480,8 +489,9 @@ def cmd_dry_run(args) -> int:
     from protocols import prepare
 
     specs = keyed(plan(sweep_request(args)))
-    options = RunOptions(data_root=args.data_root, weights_dir=args.weights_dir, device=args.device,
-                         eval_batch_size=args.eval_batch_size, threads=args.threads, download=args.download,
+    options = RunOptions(data_root=args.data_root, system_copy=args.system_copy, weights_dir=args.weights_dir,
+                         device=args.device, eval_batch_size=args.eval_batch_size, threads=args.threads,
+                         download=args.download,
                          allow_download=args.allow_download)
     check_options(options, workers=args.workers)
     missing = prepare.check(prepare.requirements_for_runs([s for s, _ in specs], options))
@@ -523,7 +533,8 @@ def cmd_fetch(args) -> None:
 def cmd_check(args) -> int:
     from protocols import prepare
 
-    reqs = prepare.requirements(split(args.protocols), backbones_option(args), args.data_root, args.weights_dir)
+    reqs = prepare.requirements(split(args.protocols), backbones_option(args), args.data_root, args.weights_dir,
+                                system_copy=args.system_copy)
     states = prepare.inspect(reqs, verify=args.verify)
     print(prepare.format_report(states))
     return 0 if all(s.ok for s in states) else 2
@@ -684,6 +695,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     args.argv = argv  # what a sweep stamps into its records
+    if hasattr(args, "data_root"):  # a root the user named (flag or environment) is never replaced
+        named = args.data_root or os.environ.get("PROMPTCL_DATA_ROOT")
+        args.system_copy = not named
+        args.data_root = named or "data"
     from protocols.catalog import load_plugins
 
     errors = user_errors()

@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from benchmarks import cifar100, cub200, fashion_mnist, imagenet_r
@@ -63,6 +63,7 @@ class Requirement:
     sources: tuple[Source, ...]  # what fetch downloads; () when there is nothing to fetch
     needed_by: tuple[str, ...] = ()  # the protocols as given (data), or "protocol backbone" pairs
     split: str | None = None  # ImageNet-R: "coda" | "stratified" | "file" (what "complete" means)
+    system_copy: bool = True  # Fashion-MNIST: whether the system-wide copy may stand in
 
     @property
     def title(self) -> str:
@@ -95,7 +96,8 @@ class State:
 # ------------------------------------------------------------------ what a sweep needs
 
 
-def _data_requirement(proto: Protocol, data_root: str | os.PathLike | None, given: str) -> Requirement:
+def _data_requirement(proto: Protocol, data_root: str | os.PathLike | None, given: str,
+                      system_copy: bool = True) -> Requirement:
     """`given`: the protocol as the user named it (a name, or a YAML path), so that the fetch
     command built from the requirement names it the same way."""
     root = resolve_data_root(data_root)
@@ -104,8 +106,10 @@ def _data_requirement(proto: Protocol, data_root: str | os.PathLike | None, give
     split = None
     if proto.dataset == "imagenet_r":
         split = "file" if proto.split_file else proto.split
-    return Requirement("data", proto.dataset, root, tuple(dict.fromkeys(reader.candidate_dirs(data_root))),
-                       DATA[proto.dataset], (given,), split)
+    dirs = (fashion_mnist.candidate_dirs(data_root, system_copy) if proto.dataset == "fashion_mnist"
+            else reader.candidate_dirs(data_root))
+    return Requirement("data", proto.dataset, root, tuple(dict.fromkeys(dirs)), DATA[proto.dataset], (given,),
+                       split, system_copy)
 
 
 def _weights_requirement(name: str, weights_dir: str | os.PathLike | None,
@@ -124,8 +128,7 @@ def _merge(reqs: Iterable[Requirement]) -> list[Requirement]:
         key = (r.kind, r.name, r.root, r.split)
         if key in out:
             have = out[key]
-            out[key] = Requirement(have.kind, have.name, have.root, have.looked_for, have.sources,
-                                   tuple(dict.fromkeys(have.needed_by + r.needed_by)), have.split)
+            out[key] = replace(have, needed_by=tuple(dict.fromkeys(have.needed_by + r.needed_by)))
         else:
             out[key] = r
     return list(out.values())
@@ -133,7 +136,8 @@ def _merge(reqs: Iterable[Requirement]) -> list[Requirement]:
 
 def requirements(protocols: Sequence[str], backbones: str | Sequence[str] = "default",
                  data_root: str | os.PathLike | None = "data",
-                 weights_dir: str | os.PathLike | None = "pretrained") -> list[Requirement]:
+                 weights_dir: str | os.PathLike | None = "pretrained", *,
+                 system_copy: bool = True) -> list[Requirement]:
     """The data of each protocol (names or YAML paths) and the checkpoints of `backbones`: names,
     or "default" / "all" (each protocol's first / all of its backbones, as a sweep resolves them).
     Named backbones are needed whatever the protocols (`fetch --backbones sup21k_npz` alone).
@@ -141,7 +145,7 @@ def requirements(protocols: Sequence[str], backbones: str | Sequence[str] = "def
     reqs = []
     for p in protocols:
         proto = load_protocol(p)
-        reqs.append(_data_requirement(proto, data_root, str(p)))
+        reqs.append(_data_requirement(proto, data_root, str(p), system_copy))
         if backbones in ("default", "all"):
             reqs += [_weights_requirement(b, weights_dir, (f"{proto.name} {b}",))
                      for b in resolve_backbones(p, backbones)]
@@ -160,7 +164,7 @@ def requirements_for_runs(specs: Iterable, options: RunOptions) -> list[Requirem
     for s in specs:
         proto = protocols.setdefault(s.protocol, load_protocol(s.protocol))
         if not (options.download and proto.dataset == "fashion_mnist"):
-            reqs.append(_data_requirement(proto, options.data_root, s.protocol))
+            reqs.append(_data_requirement(proto, options.data_root, s.protocol, options.system_copy))
         hub = options.allow_download and get_spec(s.backbone).timm_name
         if not options.random_init and not hub:
             reqs.append(_weights_requirement(s.backbone, options.weights_dir, (f"{proto.name} {s.backbone}",)))
@@ -240,9 +244,10 @@ def _incomplete(missing: list[str], total: int, what: str) -> str:
 def _data_state(r: Requirement, cache: DigestCache, verify: bool) -> State:
     root = r.root
     if r.name == "fashion_mnist":
-        files = fashion_mnist.find_files(root)
-        if files is None:
+        found = fashion_mnist.find_files(root, system_copy=r.system_copy)
+        if found is None:
             return State(r, "missing", None, "")
+        files = found[0]
         pins = {s.file: s.md5 for s in r.sources}
         texts = []
         for f in files.values():
@@ -309,6 +314,14 @@ def inspect(reqs: Iterable[Requirement], *, verify: bool = False) -> list[State]
     """The state of every requirement (see the module docstring for what is checked and how fast)."""
     cache = digest_cache()
     return [(_data_state if r.kind == "data" else _weights_state)(r, cache, verify) for r in reqs]
+
+
+def from_system_copy(states: Iterable[State]) -> list[State]:
+    """The data that will be read from the system-wide copy (Fashion-MNIST's Debian package),
+    which a sweep names, since it is used only when no --data-root was given."""
+    system = [Path(d) for d in fashion_mnist.SYSTEM_DIRS]
+    return [s for s in states if s.requirement.kind == "data" and s.path is not None
+            and any(Path(s.path).is_relative_to(d) for d in system)]
 
 
 def check(reqs: Iterable[Requirement], *, verify: bool = False) -> list[State]:

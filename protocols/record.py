@@ -53,13 +53,15 @@ FIELDS: dict[str, str] = {
     "threads": "torch CPU threads of the run",
     "data_hash": "sha256 over the file list / split the stream used",
     "split": "ImageNet-R only: {name, sha256} of the split",
+    "data_source": "which copy of the data the run read: 'data_root' (under --data-root) or 'system' "
+                   "(the system-wide Fashion-MNIST copy, used only when no --data-root was given)",
     "eval_batch_size": "the evaluation batch size (results never depend on it)",
     "created": "when the run ended (ISO 8601, UTC, seconds)",
     "argv": "the command line of the sweep that ran it (stamped by the driver, never by a worker)",
 }
-#: Fields a complete record may lack: the split (ImageNet-R only) and the command line (stamped
-#: by the driver after the run).
-OPTIONAL_FIELDS: tuple[str, ...] = ("split", "argv")
+#: Fields a complete record may lack: the split (ImageNet-R only), the command line (stamped by
+#: the driver after the run) and the data copy (records made before it was recorded).
+OPTIONAL_FIELDS: tuple[str, ...] = ("split", "argv", "data_source")
 #: What a run was asked to do: the fields a complete and a failed record share.
 IDENTITY_FIELDS: tuple[str, ...] = ("key", "protocol", "backbone", "method", "label", "table", "position",
                                     "precision", "seed", "spec")

@@ -62,6 +62,7 @@ class RunSpec:
 class RunOptions:
     """How to run (never changes a result, so not part of the run key)."""
     data_root: str | None = "data"
+    system_copy: bool = True  # False: a --data-root the user gave is never replaced by the system copy
     weights_dir: str | None = "pretrained"
     device: str = "auto"
     eval_batch_size: int = 256
@@ -269,7 +270,7 @@ def _run(spec: RunSpec, options: RunOptions, stack: contextlib.ExitStack) -> dic
         image_size=bspec.image_size, in_chans=bspec.in_chans, mean=mean, std=std,
         augment=protocol.augment, eval_resize=protocol.eval_resize,
         subsample=protocol.subsample, split=protocol.split, split_file=protocol.split_file,
-        download=options.download)
+        download=options.download, system_copy=options.system_copy)
     bm = info.benchmark
 
     key = run_key(resolved)
@@ -319,6 +320,7 @@ def _run(spec: RunSpec, options: RunOptions, stack: contextlib.ExitStack) -> dic
                  "eval_s": round(strategy.seconds["eval"], 3),
                  "total_s": round(time.time() - start, 3)},
         versions=versions(), backbone_sha256=backbone.sha256, backbone_source=backbone.source,
-        device=dev, data_hash=info.data_hash, eval_batch_size=options.eval_batch_size,
+        device=dev, data_hash=info.data_hash, data_source=info.data_source,
+        eval_batch_size=options.eval_batch_size,
         **({"split": {"name": info.split, "sha256": info.split_hash}} if info.split else {}),
         threads=torch.get_num_threads(), created=utc_now())
