@@ -12,7 +12,7 @@ from typing import Iterator
 
 from avalanche.benchmarks.utils.utils import concat_datasets
 
-from .base import PromptStrategy, _timer
+from .base import PromptStrategy, timed
 from .head_only import HeadOnly
 from .registry import register
 
@@ -29,13 +29,13 @@ class Joint(PromptStrategy):
         """Train once on the whole stream, then evaluate "after task i" under the seen-classes
         mask of tasks 0..i, for every i."""
         self.seconds = {"train": 0.0, "eval": 0.0}
-        with _timer(self.seconds, "train"):
+        with timed(self.seconds, "train"):
             self.train(list(train_stream), eval_streams=[])
         seen: set[int] = set()
         for i, exp in enumerate(test_stream):
             seen |= {int(c) for c in exp.classes_in_this_experience}
             self.seen_classes = sorted(seen)
-            with _timer(self.seconds, "eval"):
+            with timed(self.seconds, "eval"):
                 self.eval(test_stream[:i + 1])
             yield i
 

@@ -206,9 +206,7 @@ def private_names_taken() -> list[tuple[str, str]]:
 
 
 @pytest.mark.parametrize("package", [
-    "run_suite", "protocols", "leaderboard", "benchmarks",
-    pytest.param("methods", marks=pytest.mark.xfail(
-        reason="methods/joint.py takes base._timer: the methods side of issue 18", strict=False)),
+    "run_suite", "protocols", "leaderboard", "benchmarks", "methods",
 ])
 def test_no_private_name_crosses_a_module(package):
     """`from x import _y` and `x._y` (x one of our modules) only inside x itself."""
