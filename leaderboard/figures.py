@@ -614,7 +614,7 @@ def _draw_batch_sizes(items: list[dict], title: str, reference_batch: int | None
         std = np.array([v.std(ddof=1) if len(v) > 1 else 0.0 for v in vals])
         ax.errorbar(xs, mean, yerr=std if std.any() else None, color=colors[c["behaviour"]],
                     ls=styles[c["trained"]], marker="o", markersize=3.5, lw=1.4, capsize=2,
-                    label=f"{c['behaviour']} · trained: {c['trained']}" if len(trained) > 1 else c["behaviour"])
+                    label=f"{c['behaviour']} · {c['trained']}" if len(trained) > 1 else c["behaviour"])
     if reference_batch:
         ax.axvline(reference_batch, color="0.5", lw=0.8, ls=":")
         ax.annotate(f"reference test batch {reference_batch}", (reference_batch, 1.0),

@@ -122,8 +122,8 @@ def _method_section(protocol: str, backbone: str, method: str, configs: list[_Co
         lines.append(f"- `{mode}`: {text}")
     lines.append("")
     if test:
-        lines += [f"The reference configuration for {protocol} ({test['source']}) evaluates with "
-                  f"{' and '.join(f'`{m}`' for m in ref_modes)} at test batch {ref_batch}: **bold** below.", ""]
+        lines += [f"Reference configuration for {protocol}: {test['source']}. It evaluates with "
+                  f"{' and '.join(f'`{m}`' for m in ref_modes)} at test batch {ref_batch} (**bold** below).", ""]
     sets = sorted({tuple(ev["modes"]) for r in refs for ev in r["evaluations"] if ev["modes"]},
                   key=lambda s: (len(s), s))
     batches = sorted({ev["batch_size"] for r in refs for ev in r["evaluations"]})
@@ -151,9 +151,21 @@ def _method_section(protocol: str, backbone: str, method: str, configs: list[_Co
             test_rows.append([c.name, r["label"], str(r["n"]), _num(r["mean_reference"]), _num(r["mean_label"]),
                               _num(r["mean_diff"], signed=True), f"[{_num(r['ci_low'], signed=True)}, "
                               f"{_num(r['ci_high'], signed=True)}]", _p(r["p"]), _p(r["p_holm"])])
-            if test and r["label"] == f"{mode_set_name(ref_modes)} @ {ref_batch}":
-                summary.append((c.name, r))
-    if test_rows:
+        measured = c.faa(ref_modes, ref_batch) if test else {}
+        if measured:
+            own = c.own()
+            diff = [measured[s] - own[s] for s in measured]
+            row = t[t["label"] == f"{mode_set_name(ref_modes)} @ {ref_batch}"]
+            tested = (f", p (Holm) {_p(row['p_holm'].iloc[0])}" if len(row) else
+                      ", no paired test with one seed")
+            summary.append(f"What it means ({c.name}): {method}'s numbers from its reference configuration were "
+                           f"measured with {mode_set_name(ref_modes)} at test batch {ref_batch}. Evaluated that way, "
+                           f"these trained models score FAA {_num(sum(measured.values()) / len(measured))} instead "
+                           f"of {_num(sum(own[s] for s in measured) / len(measured))} per sample (Δ "
+                           f"{_num(sum(diff) / len(diff), signed=True)}, n = {len(diff)}{tested}).")
+    if not test_rows:
+        lines += ["No paired test: it needs two seeds or more of a configuration.", ""]
+    else:
         lines += ["Each test behaviour against the same runs' per-sample FAA, paired by seed (two-sided paired "
                   "t-test, Holm-corrected over the comparisons of one trained configuration; Δ = behaviour minus "
                   "per sample):", ""]
@@ -182,12 +194,8 @@ def _method_section(protocol: str, backbone: str, method: str, configs: list[_Co
                                                  f"{protocol} · {backbone} · {method}", ref_batch))
             lines += [f"![FAA against the test batch size, {method}]({rel})", ""]
 
-    for name, r in summary:
-        lines += [f"What it means ({name}): {method}'s numbers from its reference configuration ({test['source']}) "
-                  f"were measured with {mode_set_name(ref_modes)} at test batch {ref_batch}. Evaluated that way, "
-                  f"these trained models score FAA {_num(r['mean_label'])} instead of {_num(r['mean_reference'])} "
-                  f"per sample (Δ {_num(r['mean_diff'], signed=True)}, p (Holm) {_p(r['p_holm'])}, n = {r['n']}).",
-                  ""]
+    for text in summary:
+        lines += [text, ""]
     return lines
 
 
