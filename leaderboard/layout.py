@@ -15,7 +15,8 @@ __all__ = ["PAGES_DIR", "RECORDS_DIR", "PROFILES_DIR", "SMOKE_DIR"]
 
 #: the generated pages and figures (`leaderboard/*.md`, `leaderboard/figures/`)
 PAGES_DIR = Path("leaderboard")
-#: the published run records, `<protocol>__<backbone>.jsonl`: the results
+#: the published run records, `<protocol>__<backbone>.jsonl`: the results (their reference records,
+#: the same runs re-evaluated as the public codes evaluate, in its `reference/` subfolder)
 RECORDS_DIR = PAGES_DIR / "records"
 #: measurements kept apart from the results, `<device>.jsonl`: profile records (`profile`) ...
 PROFILES_DIR = PAGES_DIR / "profiles"

@@ -9,7 +9,7 @@ companion record per run key (`leaderboard/records/reference/<protocol>__<backbo
 published) that names the run it extends and repeats its per-sample accuracy matrix: that
 matrix, equal to the published one, is the proof that the model re-evaluated is the published
 one (no checkpoint is stored; the run is trained again). Like `protocols.record`, this module
-imports nothing but the standard library: the runner builds these records and the leaderboard,
+imports nothing but the standard library and it: the runner builds these records and the leaderboard,
 which never loads torch, reads them.
 """
 from __future__ import annotations

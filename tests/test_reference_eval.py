@@ -286,14 +286,17 @@ def test_the_reference_command_runs_publishes_and_renders(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------- the real shape
-def test_the_real_shape_dry_run_re_evaluates_every_affected_method(tmp_path):
+def test_the_real_shape_dry_run_re_evaluates(tmp_path):
     """cifar100-10t's first 2 tasks on ViT-B/16 fed 32 px (the reduced dry run of
-    tests/test_smoke.py) with the re-evaluations on: every planned evaluation of every affected
-    method gives a full matrix, and at batch 1 the run's own."""
-    done = list(smoke.run_smoke(["cifar100-10t"], list(AFFECTED), store=RunStore(tmp_path / "s.sqlite"),
+    tests/test_smoke.py) with the re-evaluations on, for DualPrompt (both modes, together too) and
+    NoRGa (HiDe-Prompt's path, its reference batch 128): every planned evaluation gives a full
+    matrix, and at batch 1 and per sample the run's own. (`run_suite.py smoke --tasks 2
+    --protocols cifar100-10t --batch-sizes 16,64` runs every affected method at 224 px.)"""
+    methods = ["dualprompt", "norga"]
+    done = list(smoke.run_smoke(["cifar100-10t"], methods, store=RunStore(tmp_path / "s.sqlite"),
                                 data_root=tmp_path / "data", tasks=2, train_per_class=1, test_per_class=2,
                                 backbone=smoke.REDUCED_BACKBONE, reference_batch_sizes=(4,)))
-    assert [s.spec.method for s in done] == list(AFFECTED)
+    assert [s.spec.method for s in done] == methods
     for s in done:
         assert s.smoke["complete"], s.error
         ref = s.reference
