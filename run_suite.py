@@ -489,95 +489,6 @@ def print_failures(failed: list[dict], logs: str) -> None:
         print(f"  {r['protocol']} {r['backbone']} {r['label']} seed {r['seed']}: {r['error'].splitlines()[0][:200]}")
 
 
-# ------------------------------------------------------------------------------------ reference behaviours
-
-@command("reference", "train runs again and, after every task, evaluate each trained model as its method's public "
-                      "code evaluates (its reference modes: batch vote, prefix mixing) at several test batch sizes; "
-                      "the reference records go beside the store (<store>.reference.jsonl), `publish` publishes "
-                      "them with the runs, the pages show them (reference-behaviours.md)",
-         WHAT + HOW + PAGES + ("batch_sizes",))
-def cmd_reference(args) -> int:
-    """Methods default to every method with reference modes; a run whose key already has a reference
-    record (published, or beside the store) is not run again; a re-run whose per-sample matrix
-    differs from its key's published or stored record is kept nowhere (exit 1)."""
-    from leaderboard.records import load_published, reproduction
-    from leaderboard.reference_records import (ReferenceStore, load_reference, local_reference_file, read_reference,
-                                               reference_dir)
-    from leaderboard.store import RunStore
-    from protocols.reference_eval import affected_methods, check_methods
-    from protocols.sweep import keyed, plan
-
-    request = sweep_request(args)
-    if list(request.methods) == ["all"]:
-        request = replace(request, methods=affected_methods())
-    specs = keyed(plan(request))
-    check_methods([s.method for s, _ in specs])
-    options = replace(check_sweep(args), reference_batch_sizes=batch_sizes(args.batch_sizes))
-    require_inputs([s for s, _ in specs], options)
-    published = load_published(records_dir(args))
-    done = {r["key"] for r in load_reference([reference_dir(records_dir(args))], published)}
-    mine = local_reference_file(args.store)
-    done |= {r["key"] for r, _ in read_reference(mine)} if mine.is_file() else set()
-    store = RunStore(args.store)
-    todo = [s for s, k in specs if k not in done]
-    executor, executor_kw = executor_for(args, len(todo))
-    options = replace(options, progress=executor == "local" and not args.quiet and sys.stderr.isatty())
-    print(f"{len(specs)} runs planned, {len(specs) - len(todo)} already have reference records, {len(todo)} to "
-          f"run" + (f" in {executor_kw['workers']} worker processes" if executor_kw.get("workers", 1) > 1 else ""),
-          flush=True)
-    if todo:
-        store.check_writable()
-    keeper = ReferenceStore(store, mine, {r["key"]: r for r in published})
-    try:
-        failed = execute(args, todo, keeper, options, executor, executor_kw)
-    except Interrupted as e:
-        print(f"\ninterrupted: {len(keeper.added)} reference record(s) kept in {mine}; rerun the same command "
-              "to resume", file=sys.stderr)
-        return 130
-    print_failures(failed, log_dir(args))
-    for ref in keeper.added:
-        print(reference_line(ref))
-    for old, new in keeper.refused:
-        print(f"not kept: {new['label']} seed {new['seed']} (key {new['key'][:12]}) did not reproduce its recorded "
-              f"run: FAA {old['metrics']['faa']:.2f} recorded, {new['metrics']['faa']:.2f} here; its reference "
-              "record would not describe the recorded model")
-    rerun = [r for r in (store.get(ref["key"]) for ref in keeper.added) if r is not None]
-    for line in reproduction(rerun + [n for _, n in keeper.refused], published).lines():
-        print(line)
-    print(f"{len(keeper.added)} reference record(s) added to {mine}; `python run_suite.py publish` publishes them "
-          "with their runs")
-    if not args.no_render:
-        render_leaderboard(args, pages_dir(args))
-    return 1 if failed or keeper.refused else 0
-
-
-def batch_sizes(value: str) -> tuple[int, ...]:
-    """`--batch-sizes 16,64` -> (16, 64); SweepError for anything else."""
-    from protocols.errors import SweepError
-    from protocols.reference_eval import check_batch_sizes
-
-    try:
-        sizes = tuple(int(b) for b in split(value))
-    except ValueError:
-        raise SweepError(f"--batch-sizes takes a comma list of test batch sizes, e.g. 16,64; got {value!r}") from None
-    if not sizes:
-        raise SweepError("--batch-sizes takes a comma list of test batch sizes, e.g. 16,64; got none")
-    check_batch_sizes(sizes)
-    return sizes
-
-
-def reference_line(ref: dict) -> str:
-    """One line per re-evaluated run: its FAA per sample, then under each mode set by batch size."""
-    from protocols.reference_record import mode_set_name
-
-    by_set: dict[str, list[str]] = {}
-    for ev in ref["evaluations"]:
-        by_set.setdefault(mode_set_name(ev["modes"]), []).append(f"@{ev['batch_size']} {ev['metrics']['faa']:.2f}")
-    return (f"{ref['protocol']:<14} {ref['backbone']:<7} {ref['label']:<14} seed {ref['seed']}: FAA "
-            + " | ".join(f"{name} {' '.join(cells)}" for name, cells in by_set.items())
-            + f"  (+{ref['timings']['reference_s']:.0f} s)")
-
-
 # ------------------------------------------------------------------------------------ dry run
 
 @command("dry-run", "print the runs a sweep would do and their expected wall time on this device (from its "
@@ -800,6 +711,95 @@ def cmd_smoke(args) -> int:
 def cmd_list(args) -> None:
     from protocols.catalog import listing
     print(listing())
+
+
+# ------------------------------------------------------------------------------------ reference behaviours
+
+@command("reference", "train runs again and, after every task, evaluate each trained model as its method's public "
+                      "code evaluates (its reference modes: batch vote, prefix mixing) at several test batch sizes; "
+                      "the reference records go beside the store (<store>.reference.jsonl), `publish` publishes "
+                      "them with the runs, the pages show them (reference-behaviours.md)",
+         WHAT + HOW + PAGES + ("batch_sizes",))
+def cmd_reference(args) -> int:
+    """Methods default to every method with reference modes; a run whose key already has a reference
+    record (published, or beside the store) is not run again; a re-run whose per-sample matrix
+    differs from its key's published or stored record is kept nowhere (exit 1)."""
+    from leaderboard.records import load_published, reproduction
+    from leaderboard.reference_records import (ReferenceStore, load_reference, local_reference_file, read_reference,
+                                               reference_dir)
+    from leaderboard.store import RunStore
+    from protocols.reference_eval import affected_methods, check_methods
+    from protocols.sweep import keyed, plan
+
+    request = sweep_request(args)
+    if list(request.methods) == ["all"]:
+        request = replace(request, methods=affected_methods())
+    specs = keyed(plan(request))
+    check_methods([s.method for s, _ in specs])
+    options = replace(check_sweep(args), reference_batch_sizes=batch_sizes(args.batch_sizes))
+    require_inputs([s for s, _ in specs], options)
+    published = load_published(records_dir(args))
+    done = {r["key"] for r in load_reference([reference_dir(records_dir(args))], published)}
+    mine = local_reference_file(args.store)
+    done |= {r["key"] for r, _ in read_reference(mine)} if mine.is_file() else set()
+    store = RunStore(args.store)
+    todo = [s for s, k in specs if k not in done]
+    executor, executor_kw = executor_for(args, len(todo))
+    options = replace(options, progress=executor == "local" and not args.quiet and sys.stderr.isatty())
+    print(f"{len(specs)} runs planned, {len(specs) - len(todo)} already have reference records, {len(todo)} to "
+          f"run" + (f" in {executor_kw['workers']} worker processes" if executor_kw.get("workers", 1) > 1 else ""),
+          flush=True)
+    if todo:
+        store.check_writable()
+    keeper = ReferenceStore(store, mine, {r["key"]: r for r in published})
+    try:
+        failed = execute(args, todo, keeper, options, executor, executor_kw)
+    except Interrupted as e:
+        print(f"\ninterrupted: {len(keeper.added)} reference record(s) kept in {mine}; rerun the same command "
+              "to resume", file=sys.stderr)
+        return 130
+    print_failures(failed, log_dir(args))
+    for ref in keeper.added:
+        print(reference_line(ref))
+    for old, new in keeper.refused:
+        print(f"not kept: {new['label']} seed {new['seed']} (key {new['key'][:12]}) did not reproduce its recorded "
+              f"run: FAA {old['metrics']['faa']:.2f} recorded, {new['metrics']['faa']:.2f} here; its reference "
+              "record would not describe the recorded model")
+    rerun = [r for r in (store.get(ref["key"]) for ref in keeper.added) if r is not None]
+    for line in reproduction(rerun + [n for _, n in keeper.refused], published).lines():
+        print(line)
+    print(f"{len(keeper.added)} reference record(s) added to {mine}; `python run_suite.py publish` publishes them "
+          "with their runs")
+    if not args.no_render:
+        render_leaderboard(args, pages_dir(args))
+    return 1 if failed or keeper.refused else 0
+
+
+def batch_sizes(value: str) -> tuple[int, ...]:
+    """`--batch-sizes 16,64` -> (16, 64); SweepError for anything else."""
+    from protocols.errors import SweepError
+    from protocols.reference_eval import check_batch_sizes
+
+    try:
+        sizes = tuple(int(b) for b in split(value))
+    except ValueError:
+        raise SweepError(f"--batch-sizes takes a comma list of test batch sizes, e.g. 16,64; got {value!r}") from None
+    if not sizes:
+        raise SweepError("--batch-sizes takes a comma list of test batch sizes, e.g. 16,64; got none")
+    check_batch_sizes(sizes)
+    return sizes
+
+
+def reference_line(ref: dict) -> str:
+    """One line per re-evaluated run: its FAA per sample, then under each mode set by batch size."""
+    from protocols.reference_record import mode_set_name
+
+    by_set: dict[str, list[str]] = {}
+    for ev in ref["evaluations"]:
+        by_set.setdefault(mode_set_name(ev["modes"]), []).append(f"@{ev['batch_size']} {ev['metrics']['faa']:.2f}")
+    return (f"{ref['protocol']:<14} {ref['backbone']:<7} {ref['label']:<14} seed {ref['seed']}: FAA "
+            + " | ".join(f"{name} {' '.join(cells)}" for name, cells in by_set.items())
+            + f"  (+{ref['timings']['reference_s']:.0f} s)")
 
 
 # ------------------------------------------------------------------------------------ main
