@@ -218,15 +218,20 @@ def publish(records: Iterable[Mapping[str, Any]], directory: str | Path,
     `RecordConflict` naming both, before anything is written. A run without a seal (stored before
     records carried one) is sealed as it is published, so every line added from now on carries
     its `record_sha256`."""
-    records = list(records)
-    for rec in records:  # refused before the lock is taken or anything is created
+    records, directory = list(records), Path(directory)
+    for rec in records:
         if rec.get("status", "ok") == "ok":
             validate_record(rec)
-    with locked(directory):
-        return _publish(records, Path(directory), source)
+    # first without the lock: a refusal (a conflict, a damaged or read-only file) creates nothing,
+    # not even the lock file, and a store with nothing new takes no lock
+    dry = _publish(records, directory, source, write=False)
+    if not dry.added:
+        return dry
+    with locked(directory):  # then for real: what another publish added meanwhile is kept
+        return _publish(records, directory, source, write=True)
 
 
-def _publish(records: list[Mapping[str, Any]], directory: Path, source: str) -> PublishResult:
+def _publish(records: list[Mapping[str, Any]], directory: Path, source: str, write: bool) -> PublishResult:
     published = {r["key"]: r for r in load_published(directory)}
     result = PublishResult()
     incoming: dict[str, dict[str, Any]] = {}
@@ -258,7 +263,8 @@ def _publish(records: list[Mapping[str, Any]], directory: Path, source: str) -> 
         check_writable_file(path)
     for path, new in sorted(by_file.items()):
         old = [r for r in published.values() if _file_for(r, directory) == path]
-        write_atomic(path, "".join(dumps(r) + "\n" for r in sorted(old + new, key=_sort_key)))
+        if write:
+            write_atomic(path, "".join(dumps(r) + "\n" for r in sorted(old + new, key=_sort_key)))
         result.files.append(path)
     result.added = sorted(incoming.values(), key=_sort_key)
     return result
