@@ -409,12 +409,13 @@ def test_a_written_file_keeps_its_mode_and_a_new_one_is_not_private(tmp_path):
 
 # ------------------------------------------------------------------------------ papers.yaml
 
-PAPERS_MISTAKES = {
+#: the first entry of papers.yaml, as the error line names it
+FIRST = "results[0] (L2P / Split CIFAR-100, 10 tasks / sup21k)"
+PAPERS_MISTAKES = {  # (text, replaced by, what the line says)
     "bad YAML": ("    faa: {mean: 83.83, std: 0.04}\n", "    faa: {mean: 83.83, std: 0.04\n", "not valid YAML"),
     "a number written as a string": ("faa: {mean: 83.83,", "faa: {mean: '83.83',",
-                                     "results[0] (L2P / Split CIFAR-100, 10 tasks / sup21k): faa.mean must be a number"),
-    "a missing source": ("    source: L2P paper, Table 1\n", "",
-                         "results[0] (L2P / Split CIFAR-100, 10 tasks / sup21k): missing keys ['source']"),
+                                     f"{FIRST}: faa.mean must be a number"),
+    "a missing source": ("    source: L2P paper, Table 1\n", "", f"{FIRST}: missing keys ['source']"),
 }
 
 
