@@ -82,7 +82,7 @@ def test_a_number_that_disagrees_with_the_record_is_named():
         (("metrics", "final_acc"), 70.0, "metrics.final_acc is 70.0 but the mean of its classes' accuracies"),
         (("metrics", "tii"), 50.0, "is impossible with wtp"),  # below the final accuracy
         (("acc_matrix", 0), [99.0, 99.0, 99.0, 99.0, 99.0], "acc[0][4] (task 0 after the last task) is 99.0"),
-        (("per_class_acc", "0"), 101.0, "per_class_acc' must map class ids to percentages"),
+        (("per_class_acc", "0"), float("nan"), "per_class_acc' must map class ids to finite numbers"),
     ]:
         bad = json.loads(json.dumps(rec))
         bad[path[0]][path[1]] = value
