@@ -17,7 +17,6 @@ import os
 import shutil
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -29,6 +28,8 @@ from leaderboard import output, papers
 from leaderboard.records import LOCK_FILE, add_measurements, load_measurements_file, load_published, publish
 from leaderboard.store import RunStore
 from protocols import runner
+from protocols.devices import device_name, device_slug, resolve_device
+from protocols.metrics import summarize
 from protocols.record import RecordError, record_problems, seal_record, validate_record
 from protocols.runner import RunSpec, run_key, seed_keys, spec_key
 from protocols.sweep import SweepRequest, configurations, keyed, pending, plan
@@ -67,13 +68,12 @@ def test_the_published_records_verify_by_recomputation_alone():
     """The 95 published records carry no seal (made before it existed) and are left as they are:
     every number in them agrees with their accuracy matrices and per-class accuracies."""
     records = load_published(RECORDS)
-    assert len(records) == 95 and not any("record_sha256" in r for r in records)
+    assert len([r for r in records if "record_sha256" not in r]) >= 95
     assert all(record_problems(r) == [] for r in records)
 
 
 def test_a_number_that_disagrees_with_the_record_is_named():
-    rec = published_line(58)
-    assert rec["metrics"]["faa"] == 76.1
+    rec = next(r for r in load_published(RECORDS) if r["metrics"]["faa"] == 76.1)  # the issue's record
     for path, value, says in [
         (("metrics", "faa"), 86.1, "metrics.faa is 86.1 but its accuracy matrix gives 76.1"),
         (("metrics", "ffm"), 0.0, "metrics.ffm is 0.0 but its accuracy matrix gives"),
@@ -87,7 +87,6 @@ def test_a_number_that_disagrees_with_the_record_is_named():
         bad = json.loads(json.dumps(rec))
         bad[path[0]][path[1]] = value
         if path[0] == "acc_matrix":  # the matrix and the metrics it gives edited together
-            from protocols.metrics import summarize
             bad["metrics"].update(summarize(bad["acc_matrix"]))
         with pytest.raises(RecordError, match="rejected") as e:
             validate_record(bad)
@@ -139,10 +138,10 @@ def damage(path: Path, how: str) -> int:
     """Damage the records file `path` as a bad edit, merge or write would; the line to name."""
     lines = path.read_text().splitlines(keepends=True)
     if how == "tampered metric":  # the issue's edit: faa 76.1 -> 86.1, the matrix left as it was
-        assert '"faa": 76.1,' in lines[57]
-        lines[57] = lines[57].replace('"faa": 76.1,', '"faa": 86.1,')
+        n = next(i for i, line in enumerate(lines) if '"faa": 76.1,' in line)
+        lines[n] = lines[n].replace('"faa": 76.1,', '"faa": 86.1,')
         path.write_text("".join(lines))
-        return 58
+        return n + 1
     if how == "truncated line":
         path.write_text("".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])
         return len(lines)
@@ -192,7 +191,7 @@ def test_a_damaged_records_file_is_refused_by_every_command(world, capsys, how):
         code, out, err = cli(*argv, capsys=capsys)
         error = one_error_line(code, err)
         assert error.startswith(f"error: {f}:{line}: ") and says in error, (name, error)
-        assert "runs planned" not in out or name == "sweep"
+        assert "runs planned" not in out  # the sweep stopped before it planned a run
         assert snapshot(world) == before, name  # no page, no store, no record, no lock file written
 
 
@@ -458,7 +457,8 @@ def test_the_published_keys_are_unchanged():
     `seed_keys` gives from its configuration."""
     published = load_published(RECORDS)
     planned = {k for _, k in keyed(plan(SweepRequest(methods=["all"], ablations=["all"], seeds=5)))}
-    assert {r["key"] for r in published} <= planned
+    legacy = {r["key"] for r in published if "record_sha256" not in r}  # the 95 of the default sweep
+    assert len(legacy) >= 95 and legacy <= planned
     for r in published:
         config = {k: v for k, v in r["spec"].items() if k != "seed"}
         assert seed_keys(config)(r["seed"]) == run_key(r["spec"]) == r["key"]
@@ -469,7 +469,6 @@ def test_a_dry_run_of_100000_seeds_resolves_each_configuration_once(tmp_path, ca
     hyperparameters are resolved a handful of times per configuration, not once per run, and
     only the seeds the store holds are hashed."""
     profiles = tmp_path / "profiles"
-    from protocols.devices import device_name, device_slug, resolve_device
     name = device_name(resolve_device("cpu"))
     add_measurements([{**profile_record(m), "device": name} for m in ("head_only", "l2p")],
                      profiles / f"{device_slug(name)}.jsonl")
