@@ -30,7 +30,8 @@ from .metrics import summarize
 __all__ = ["FIELDS", "OPTIONAL_FIELDS", "IDENTITY_FIELDS", "FAILED_RECORD_FIELDS", "REQUIRED_FIELDS", "FAILED_FIELDS", "Metric",
            "METRICS", "REQUIRED_METRICS", "HIGHER_IS_BETTER", "COST_FIELDS", "TIMING_FIELDS",
            "REAL_PROTOCOLS", "RecordError", "complete_record", "failed_record", "validate_record",
-           "record_problems", "utc_now", "record_digest", "seal_record", "BALANCED_TEST_SETS"]
+           "record_problems", "utc_now", "record_digest", "seal_record", "derived_problems", "seal_problems",
+           "BALANCED_TEST_SETS"]
 
 #: Every field of a complete run record, with what it holds.
 FIELDS: dict[str, str] = {
