@@ -288,10 +288,14 @@ def local_records(args) -> list[dict]:
 
 
 def check_pages_dir(args) -> None:
-    """Refuse a pages folder that cannot be written, before anything runs or is written."""
+    """Refuse, before anything runs or is written, what would stop the pages from rendering: a
+    pages folder that cannot be written, or a mistake in leaderboard/papers.yaml (the papers page
+    reads it)."""
     from leaderboard.output import check_output_dir
-    if not args.no_render:
+    from leaderboard.papers import load_papers
+    if not getattr(args, "no_render", False):
         check_output_dir(pages_dir(args), "--leaderboard-dir")
+        load_papers()
 
 
 def render_leaderboard(args, out: Path) -> None:
@@ -357,7 +361,8 @@ def cmd_sweep(args) -> int:
     require_inputs([s for s, _ in specs], options)
     published = load_published(records_dir(args))  # read now: a bad file must not wait for the runs
     store = RunStore(args.store)
-    todo = [s for s, k in specs if not store.has(k)]
+    stored = store.complete_runs()
+    todo = [s for s, k in specs if k not in stored]
     executor, executor_kw = executor_for(args, len(todo))
     options = replace(options, progress=executor == "local" and not args.quiet and sys.stderr.isatty())
     print(planned(len(specs), len(todo), args.store, executor_kw.get("workers", 1)), flush=True)
@@ -428,7 +433,7 @@ def executor_for(args, n_todo: int) -> tuple[str, dict]:
 
 
 def planned(n_specs: int, n_todo: int, store: str, workers: int) -> str:
-    return (f"{n_specs} runs planned, {n_specs - n_todo} already in {store}, {n_todo} to run"
+    return (f"{n_specs:,} runs planned, {n_specs - n_todo:,} already in {store}, {n_todo:,} to run"
             + (f" in {workers} worker processes" if workers > 1 else ""))
 
 
@@ -502,27 +507,31 @@ def cmd_dry_run(args) -> int:
     from protocols.estimate import estimate, format_estimates, human, total_seconds
     from protocols.executors import default_workers
     from protocols.runner import RunOptions
-    from protocols.sweep import check_options, keyed, plan
+    from protocols.sweep import check_options, configurations, pending
 
     from protocols import prepare
 
-    specs = keyed(plan(sweep_request(args)))
+    # per configuration, never per run: the time and memory of a dry run do not grow with --seeds
+    request = sweep_request(args)
+    configs = configurations(request)
     options = RunOptions(data_root=args.data_root, system_copy=args.system_copy, weights_dir=args.weights_dir,
                          device=args.device, eval_batch_size=args.eval_batch_size, threads=args.threads,
                          download=args.download,
                          allow_download=args.allow_download)
     check_options(options, workers=args.workers)
-    missing = prepare.check(prepare.requirements_for_runs([s for s, _ in specs], options))
+    missing = prepare.check(prepare.requirements_for_runs(configs, options))
     if missing:  # said first: the estimate needs no data, but the sweep would refuse to start
         print(prepare.format_problems(missing) + "\n", flush=True)
-    done = RunStore(args.store).has if Path(args.store).is_file() else (lambda key: False)
-    todo = [s for s, k in specs if not done(k)]
-    workers = args.workers or default_workers(len(todo), args.threads or 1)
-    print(planned(len(specs), len(todo), args.store, workers), flush=True)
+    stored = RunStore(args.store).complete_runs() if Path(args.store).is_file() else {}
+    todo = [(config, n) for config, n in pending(configs, request.seeds, stored) if n]
+    n_todo = sum(n for _, n in todo)
+    workers = args.workers or default_workers(n_todo, args.threads or 1)
+    print(planned(len(configs) * request.seeds, n_todo, args.store, workers), flush=True)
     name = device_name(resolve_device(args.device))
     profiles = [r for r in load_measurements(profiles_dir(args)) if r.get("device") == name]
-    est = estimate(todo, profiles, device=args.device, batch_size=args.profile_batch,
-                   eval_batch_size=args.eval_batch_size, progress=None if args.quiet else print)
+    est = estimate([c for c, _ in todo], profiles, device=args.device, batch_size=args.profile_batch,
+                   eval_batch_size=args.eval_batch_size, progress=None if args.quiet else print,
+                   runs=[n for _, n in todo])
     print(format_estimates(est, name, [r for r in profiles if r.get("kind") == "loader"]))
     if workers > 1:  # profiled at one thread per run: runs spread over the worker processes
         print(f"with {workers} worker processes of one thread each: about "
@@ -604,6 +613,7 @@ def cmd_publish(args) -> None:
 @command("report", "re-render the pages from the published records (and the local store's runs, if it exists); "
                    "runs nothing", ("store", "records_dir", "profiles_dir", "smoke_dir", "leaderboard_dir"))
 def cmd_report(args) -> None:
+    check_pages_dir(args)
     render_leaderboard(args, pages_dir(args))
 
 

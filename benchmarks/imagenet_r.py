@@ -55,7 +55,8 @@ SPLIT_NAME = "promptcl_split.txt"
 SPLIT_SEED = 0
 TEST_FRACTION = 0.2
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
-_WNID = re.compile(r"^n\d{8}$")
+#: the name of a class folder (a WordNet id)
+WNID = re.compile(r"^n\d{8}$")
 HOW_TO_GET = (
     "Download imagenet-r.tar from https://github.com/hendrycks/imagenet-r "
     "(https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar) and extract it under --data-root, "
@@ -72,7 +73,7 @@ def _wnid_dirs(d: Path) -> list[str]:
     """The class folders of ``d``; a link loop among them is a ``DataError`` naming it."""
     if path_kind(d) != "dir":
         return []
-    return sorted(e.name for e in scan(d) if _WNID.match(e.name) and entry_kind(e) == "dir")
+    return sorted(e.name for e in scan(d) if WNID.match(e.name) and entry_kind(e) == "dir")
 
 
 def find_dir(data_root: str | os.PathLike | None) -> Path | None:
@@ -170,7 +171,7 @@ def read_split_folder(folder: str | os.PathLike) -> tuple[list[tuple[str, str]],
     classes = None
     if (folder / "classes.txt").is_file():
         classes = [line for _, line in _split_lines(folder / "classes.txt")]
-        bad = [w for w in classes if not _WNID.match(w)]
+        bad = [w for w in classes if not WNID.match(w)]
         if bad:
             raise DataError(f"{folder / 'classes.txt'}: expected one wnid (n########) a line, got {bad[:3]}")
         if len(set(classes)) != len(classes):
@@ -275,7 +276,7 @@ def load_imagenet_r(data_root: str | os.PathLike | None = None, *, split: str = 
             raise DataError(f"{split_path}: {rel} listed twice")
         seen.add(rel)
     named = sorted({rel.split("/", 1)[0] for _, rel in entries})
-    bad = [w for w in named if not _WNID.match(w)]
+    bad = [w for w in named if not WNID.match(w)]
     if bad:
         raise DataError(f"{split_path}: paths must start with a class wnid (n########/file), got {bad[:3]}")
     if order is None:

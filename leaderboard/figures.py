@@ -12,7 +12,6 @@ drawing changes, so that the next render redraws every figure once.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -28,6 +27,8 @@ from matplotlib.font_manager import FontProperties
 from matplotlib.ticker import FixedLocator, NullFormatter
 
 from protocols.record import HIGHER_IS_BETTER
+
+from .output import atomic_file
 
 if TYPE_CHECKING:
     from .stats import FriedmanResult
@@ -90,11 +91,9 @@ def _draw_once(kind: str, payload: Any, path: str | Path, draw: Callable[[], Fig
         return Drawn(path, False)
     fig = draw()
     FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=_DPI, bbox_inches="tight",
-                metadata={"Software": _SOFTWARE, "Source": digest})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(buf.getvalue())
+    with atomic_file(path, "wb") as fh:  # saved to a temporary file, renamed once complete
+        fig.savefig(fh, format="png", dpi=_DPI, bbox_inches="tight",
+                    metadata={"Software": _SOFTWARE, "Source": digest})
     return Drawn(path, True)
 
 

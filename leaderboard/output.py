@@ -1,18 +1,28 @@
 """Files the leaderboard writes: checked before anything is written, written atomically, named
 by a slug, and, for a render, written only when changed, with generated files no record backs any
-more removed (and nothing else ever)."""
+more removed (and nothing else ever).
+
+Every page, figure and records file is written the same way (`atomic_file`): into a temporary file
+in the same folder, flushed and fsynced, then renamed over the old one, so a reader, a crash or a
+full disk sees the old file or the new one, never a torn one. A write the file system refuses
+(ENOSPC, EROFS, EACCES, ...) is an `OutputError` naming the file and the cause, with the
+temporary file removed and the previous file as it was.
+"""
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import re
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import IO
 
 from .markdown import GENERATED_MARKERS
 
-__all__ = ["OutputError", "check_output_dir", "same_file", "write_atomic", "write_if_changed", "slug",
-           "is_generated", "RenderResult", "GeneratedFiles"]
+__all__ = ["OutputError", "check_output_dir", "same_file", "atomic_file", "write_atomic", "write_if_changed",
+           "write_error", "slug", "is_generated", "RenderResult", "GeneratedFiles"]
 
 
 class OutputError(ValueError):
@@ -46,23 +56,77 @@ def same_file(a: Path, b: Path) -> bool:
     return a.resolve() == b.resolve()
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to a temporary file beside `path`, then rename it over `path`: a killed or
-    concurrent writer never leaves a torn file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+#: what the user reads for the write errors a file system gives (anything else: its strerror)
+_CAUSES = {errno.ENOSPC: "the disk is full: free space and rerun",
+           errno.EDQUOT: "the disk quota is used up: free space and rerun",
+           errno.EROFS: "the file system is read-only: write to another folder",
+           errno.EACCES: "permission denied: make it writable or write to another folder",
+           errno.EPERM: "not permitted: make it writable or write to another folder"}
+
+
+def write_error(path: str | os.PathLike, e: OSError) -> OutputError:
+    """The one-line error for an OSError met while writing `path`."""
+    cause = _CAUSES.get(e.errno, f"{e.strerror or e}: check the folder and rerun")
+    return OutputError(f"cannot write {path} ({e.strerror or e}); {cause}; the previous file is unchanged")
+
+
+def _new_file_mode(path: Path) -> int:
+    """The mode the written file gets: the old file's, else what the umask allows (mkstemp's
+    temporary file is private, 0o600, which a published file must not stay)."""
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
+    """A file object (text "w", or binary "wb") whose contents replace `path` only once the block
+    ends without an error: a temporary file in the same folder, flushed, fsynced, renamed over
+    `path`. On any error the temporary file is removed and `path` is as it was; an OSError (a full
+    or read-only disk, a missing permission) becomes an `OutputError` naming `path`."""
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, _new_file_mode(path))
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        tmp = None
+        _sync_folder(path.parent)
+    except OSError as e:
+        raise write_error(path, e) from None
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make the rename itself durable (best effort: not every file system lets a folder be synced)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write `data` (text or bytes) to `path` through `atomic_file`: a killed or concurrent
+    writer, or a full disk, never leaves a torn file."""
+    with atomic_file(path, "wb" if isinstance(data, bytes) else "w") as fh:
+        fh.write(data)
 
 
 def write_if_changed(path: Path, text: str) -> bool:
     """Write `text` to `path` (atomically) unless it already holds exactly that; True if written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     if path.is_file() and path.read_text(encoding="utf-8") == text:
         return False
     write_atomic(path, text)
@@ -102,7 +166,10 @@ class GeneratedFiles:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise write_error(self.root, e) from None
         self.paths: set[Path] = set()
         self.changed: list[Path] = []
 
@@ -125,12 +192,22 @@ class GeneratedFiles:
         removed = []
         for p in self.root.glob("*.md"):
             if p not in self.paths and is_generated(p):
-                p.unlink()
+                _remove(p)
                 removed.append(p)
         figdir = self.root / "figures"
         if figdir.is_dir():
             for p in figdir.glob("*.png"):
                 if p not in self.paths and ("__" in p.name or p.name.startswith("cd_")):
-                    p.unlink()
+                    _remove(p)
                     removed.append(p)
         return RenderResult(self.paths, self.changed, removed)
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise OutputError(f"cannot remove {path}, a page no record backs any more ({e.strerror or e}); "
+                          "make the folder writable and rerun") from None

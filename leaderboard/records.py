@@ -12,21 +12,25 @@ results for one key mean a code, data or machine difference that a person must l
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Mapping
+import os
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from protocols.record import RecordError, validate_record
+from filelock import FileLock, Timeout
 
-from .output import slug, write_atomic
+from protocols.record import RecordError, seal_record, validate_record
+
+from .output import OutputError, slug, write_atomic, write_error
 
 __all__ = ["load_measurements", "add_measurements", "RecordConflict", "PublishResult", "Reproduction",
            "config_id", "load_published", "merge", "publish", "reproduction", "same_result", "variant_text",
-           "usable", "newest_created", "dumps"]
+           "usable", "newest_created", "dumps", "locked", "LOCK_FILE", "read_record_line", "check_writable_file"]
 
 #: accuracies are ratios of image counts: two runs agree when every entry agrees to this
 _TOL = 1e-9
@@ -90,8 +94,63 @@ def _file_for(record: Mapping[str, Any], directory: Path) -> Path:
     return directory / f"{slug(record['protocol'])}__{slug(record['backbone'])}.jsonl"
 
 
+#: The lock file of a folder of records (published, profile or smoke): held across every
+#: read-modify-write of the folder's files.
+LOCK_FILE = ".publish.lock"
+#: How long a publish waits for another one into the same folder (each holds it for a moment).
+LOCK_TIMEOUT_S = 120.0
+#: What git writes into a file it could not merge.
+_CONFLICT_MARKERS = ("<<<<<<<", "=======", ">>>>>>>", "|||||||")
+
+
+@contextlib.contextmanager
+def locked(directory: str | Path, timeout: float | None = None) -> Iterator[None]:
+    """Hold the lock of a folder of records across a read-modify-write of its files, so that any
+    number of simultaneous `publish` (two shells, two cluster jobs ending together) each add to
+    what the others wrote instead of overwriting it. An exclusive `flock` on `LOCK_FILE` in the
+    folder (through `filelock`, the library the field uses): released when the holder exits,
+    however it exits, so a killed publish never leaves a stale lock."""
+    directory = Path(directory)
+    timeout = LOCK_TIMEOUT_S if timeout is None else timeout
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(directory / LOCK_FILE, timeout=timeout)
+        lock.acquire()
+    except Timeout:
+        raise OutputError(f"{directory} is locked by another publish (it holds {directory / LOCK_FILE} "
+                          f"for longer than {timeout:g} s); wait for it to finish and rerun") from None
+    except OSError as e:
+        raise write_error(directory / LOCK_FILE, e) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def read_record_line(line: str, where: str) -> dict[str, Any]:
+    """One line of a records file as a validated record; RecordError naming `where` (file:line)
+    for a line that does not parse (cut short, edited by hand, a merge-conflict marker) or a
+    record that breaks the contract or disagrees with itself (`protocols.record.record_problems`)."""
+    if line.startswith(_CONFLICT_MARKERS):
+        raise RecordError(f"{where}: a merge-conflict marker ({line.strip()[:40]!r}): the file was merged "
+                          "and the conflict left unresolved; keep every record's line, remove the markers "
+                          "(published records only add lines) and rerun")
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        cut = "" if line.endswith("\n") else " (the file's last line is cut short: a truncated write?)"
+        raise RecordError(f"{where}: not a complete JSON record{cut}: {e}; restore the file from "
+                          "version control") from None
+    try:
+        validate_record(record)
+    except RecordError as e:
+        raise RecordError(f"{where}: not a valid published record: {e}") from None
+    return record
+
+
 def load_published(directory: str | Path) -> list[dict[str, Any]]:
-    """Every published record (validated; a bad line is an error naming the file and line)."""
+    """Every published record, each verified (`read_record_line`): a bad line is an error naming
+    the file and line, and nothing is returned, so nothing renders from a damaged file."""
     directory = Path(directory)
     out: list[dict[str, Any]] = []
     seen: dict[str, str] = {}
@@ -101,11 +160,7 @@ def load_published(directory: str | Path) -> list[dict[str, Any]]:
                 if not line.strip():
                     continue
                 where = f"{path}:{n}"
-                try:
-                    record = json.loads(line)
-                    validate_record(record)
-                except (json.JSONDecodeError, RecordError) as e:
-                    raise RecordError(f"{where}: not a valid published record: {e}") from None
+                record = read_record_line(line, where)
                 if record["key"] in seen:
                     raise RecordError(f"{where}: key {record['key'][:12]} is already published at "
                                       f"{seen[record['key']]}")
@@ -156,11 +211,27 @@ class PublishResult:
 
 def publish(records: Iterable[Mapping[str, Any]], directory: str | Path,
             source: str = "the store") -> PublishResult:
-    """Add complete runs to the published records; all or nothing.
+    """Add complete runs to the published records; all or nothing, under the folder's lock
+    (`locked`): simultaneous publishes each keep every run.
 
     A run whose key is published with the same numbers is skipped; with other numbers it raises
-    `RecordConflict` naming both, before anything is written."""
-    directory = Path(directory)
+    `RecordConflict` naming both, before anything is written. A run without a seal (stored before
+    records carried one) is sealed as it is published, so every line added from now on carries
+    its `record_sha256`."""
+    records, directory = list(records), Path(directory)
+    for rec in records:
+        if rec.get("status", "ok") == "ok":
+            validate_record(rec)
+    # first without the lock: a refusal (a conflict, a damaged or read-only file) creates nothing,
+    # not even the lock file, and a store with nothing new takes no lock
+    dry = _publish(records, directory, source, write=False)
+    if not dry.added:
+        return dry
+    with locked(directory):  # then for real: what another publish added meanwhile is kept
+        return _publish(records, directory, source, write=True)
+
+
+def _publish(records: list[Mapping[str, Any]], directory: Path, source: str, write: bool) -> PublishResult:
     published = {r["key"]: r for r in load_published(directory)}
     result = PublishResult()
     incoming: dict[str, dict[str, Any]] = {}
@@ -169,8 +240,7 @@ def publish(records: Iterable[Mapping[str, Any]], directory: str | Path,
         if rec.get("status", "ok") != "ok":
             result.not_ok += 1
             continue
-        validate_record(rec)
-        rec = dict(rec)
+        rec = dict(rec) if "record_sha256" in rec else seal_record(rec)
         old = published.get(rec["key"]) or incoming.get(rec["key"])
         if old is not None:
             if same_result(old, rec):
@@ -189,10 +259,12 @@ def publish(records: Iterable[Mapping[str, Any]], directory: str | Path,
     by_file: dict[Path, list[dict[str, Any]]] = {}
     for rec in incoming.values():
         by_file.setdefault(_file_for(rec, directory), []).append(rec)
-    directory.mkdir(parents=True, exist_ok=True)
+    for path in sorted(by_file):
+        check_writable_file(path)
     for path, new in sorted(by_file.items()):
         old = [r for r in published.values() if _file_for(r, directory) == path]
-        write_atomic(path, "".join(dumps(r) + "\n" for r in sorted(old + new, key=_sort_key)))
+        if write:
+            write_atomic(path, "".join(dumps(r) + "\n" for r in sorted(old + new, key=_sort_key)))
         result.files.append(path)
     result.added = sorted(incoming.values(), key=_sort_key)
     return result
@@ -250,17 +322,26 @@ def reproduction(local: Iterable[Mapping[str, Any]], published: Iterable[Mapping
     return rep
 
 
+def check_writable_file(path: Path) -> None:
+    """OutputError, before anything is written, for a records file that is read-only: its
+    owner made it so (no write bit: root's writes would ignore it, and a rename would replace
+    it), or this user may not write it."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise write_error(path, e) from None
+    if not mode & 0o222 or not os.access(path, os.W_OK):
+        raise OutputError(f"{path} is read-only; make it writable (chmod u+w) to add records to it, "
+                          "or give another folder")
+
+
 def load_measurements(directory: str | Path) -> list[dict[str, Any]]:
     """Every record of the JSON-lines files in `directory` (profile or smoke records)."""
     out = []
     for path in sorted(Path(directory).glob("*.jsonl")):
-        with path.open(encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
-                if line.strip():
-                    try:
-                        out.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise RecordError(f"{path}:{n}: not a JSON record: {e}") from None
+        out += load_measurements_file(path)
     return out
 
 
@@ -276,13 +357,33 @@ def add_measurements(records: Iterable[Mapping[str, Any]], path: str | Path) -> 
     sorted by kind, protocol, backbone, method, precision, workers, batch and date, so the same
     records always give the same bytes."""
     path = Path(path)
-    old = load_measurements_file(path) if path.is_file() else []
-    merged = {dumps(r): dict(r) for r in [*old, *records]}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, "".join(dumps(r) + "\n" for r in sorted(merged.values(), key=_measurement_order)))
+    records = list(records)
+    with locked(path.parent):  # two profile or smoke commands ending together keep both
+        old = load_measurements_file(path) if path.is_file() else []
+        merged = {dumps(r): dict(r) for r in [*old, *records]}
+        check_writable_file(path)
+        write_atomic(path, "".join(dumps(r) + "\n" for r in sorted(merged.values(), key=_measurement_order)))
     return path
 
 
 def load_measurements_file(path: Path) -> list[dict[str, Any]]:
+    """The records of one profile or smoke file; RecordError naming the file and line for a line
+    that is not one JSON object (cut short, a merge-conflict marker, edited by hand)."""
+    out = []
     with Path(path).open(encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            if line.startswith(_CONFLICT_MARKERS):
+                raise RecordError(f"{where}: a merge-conflict marker ({line.strip()[:40]!r}): resolve the "
+                                  "conflict (keep every record's line) and rerun")
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RecordError(f"{where}: not a JSON record: {e}; restore the file from version "
+                                  "control") from None
+            if not isinstance(record, dict):
+                raise RecordError(f"{where}: not a JSON object (a record), got {type(record).__name__}")
+            out.append(record)
+    return out

@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from protocols.metrics import summarize
-from protocols.record import RecordError
+from protocols.record import RecordError, seal_record
 from protocols.reference_record import REFERENCE_KEY, validate_reference
 
 from .output import slug, write_atomic
-from .records import PublishResult, RecordConflict, dumps
+from .records import PublishResult, RecordConflict, check_writable_file, dumps, locked
 
 __all__ = ["REFERENCE_SUBDIR", "reference_dir", "local_reference_file", "check_reference", "read_reference",
            "load_reference", "add_reference", "plan_reference", "publish_reference", "same_reference", "ReferenceStore"]
@@ -200,19 +200,21 @@ def publish_reference(records: Iterable[Mapping[str, Any]], directory: str | Pat
     re-evaluate a published run and repeat its matrix (`check_reference`); one whose key already
     has a published reference record is skipped when it holds the same evaluations and raises
     `RecordConflict` otherwise, before anything is written (`plan_reference`)."""
-    directory = Path(directory)
-    runs = list(published_runs)
-    result = plan_reference(records, directory, runs, source)
-    published = load_reference([directory], runs)
-    by_file: dict[Path, list[dict[str, Any]]] = {}
-    for rec in result.added:
-        by_file.setdefault(_file_for(rec, directory), []).append(rec)
-    if by_file:
-        directory.mkdir(parents=True, exist_ok=True)
-    for path, new in sorted(by_file.items()):
-        old = [r for r in published if _file_for(r, directory) == path]
-        write_atomic(path, "".join(dumps(r) + "\n" for r in sorted(old + new, key=_sort_key)))
-        result.files.append(path)
+    directory, records, runs = Path(directory), list(records), list(published_runs)
+    if not plan_reference(records, directory, runs, source).added:  # nothing new: no lock, no file
+        return plan_reference(records, directory, runs, source)
+    with locked(directory):  # as the run records: what a simultaneous publish added is kept
+        result = plan_reference(records, directory, runs, source)
+        published = load_reference([directory], runs)
+        by_file: dict[Path, list[dict[str, Any]]] = {}
+        for rec in result.added:
+            by_file.setdefault(_file_for(rec, directory), []).append(rec)
+        for path in sorted(by_file):
+            check_writable_file(path)
+        for path, new in sorted(by_file.items()):
+            old = [r for r in published if _file_for(r, directory) == path]
+            write_atomic(path, "".join(dumps(r) + "\n" for r in sorted(old + new, key=_sort_key)))
+            result.files.append(path)
     return result
 
 
@@ -235,6 +237,8 @@ class ReferenceStore:
 
     def put(self, record: dict[str, Any]) -> None:
         reference = record.pop(REFERENCE_KEY, None)
+        if reference is not None and "record_sha256" in record:  # sealed with it: sealed again without
+            record = seal_record(record)
         if record.get("status", "ok") != "ok" or reference is None:
             if not self.store.has(record["key"]):  # a failed re-run never replaces a stored run
                 self.store.put(record)

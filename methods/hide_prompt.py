@@ -160,13 +160,16 @@ class HiDeModel(PromptModel):
     def prompted(self, x: Tensor, prompt: Tensor, mixing: bool = False) -> Tensor:
         """Prompted final-LN [CLS]; prompt is (layers, 2, L, D) for all or (B, layers, 2, L, D).
         `mixing`: the key/value halves mixed across the batch as the reference code's reshape."""
+        return self.vit(x, prefix=self.prefixes(prompt, x.shape[0], mixing))
+
+    def prefixes(self, prompt: Tensor, batch: int, mixing: bool = False) -> dict[int, tuple[Tensor, Tensor]]:
+        """{block: (keys, values)} of `prompt` ((layers, 2, L, D) for all images or (B, layers, 2,
+        L, D) per image); `mixing`: the halves mixed across the batch (`mixed`)."""
         if mixing:
-            prompt = self.mixed(prompt, x.shape[0])
+            prompt = self.mixed(prompt, batch)
         if prompt.dim() == 4:
-            prefix = {l: (prompt[i, 0], prompt[i, 1]) for i, l in enumerate(self.layers)}
-        else:
-            prefix = {l: (prompt[:, i, 0], prompt[:, i, 1]) for i, l in enumerate(self.layers)}
-        return self.vit(x, prefix=prefix)
+            return {l: (prompt[i, 0], prompt[i, 1]) for i, l in enumerate(self.layers)}
+        return {l: (prompt[:, i, 0], prompt[:, i, 1]) for i, l in enumerate(self.layers)}
 
     def mixed(self, prompt: Tensor, batch: int) -> Tensor:
         """(B, layers, 2, L, D) per-image prompts with each layer's key/value halves mixed across the

@@ -101,15 +101,9 @@ class NoRGaModel(HiDeModel):
         across the batch as the code's reshape without a permute does (norga_prompt.py:108,117,125;
         `HiDeModel.mixed`), for the reference mode and the `prefix_mixing` training variant. As in
         `HiDeModel.prompted`, this is where the per-image prompts meet the ViT."""
-        if mixing:
-            prompt = self.mixed(prompt, x.shape[0])
-        if prompt.dim() == 4:
-            prefix = {l: (prompt[i, 0], prompt[i, 1]) for i, l in enumerate(self.layers)}
-        else:
-            prefix = {l: (prompt[:, i, 0], prompt[:, i, 1]) for i, l in enumerate(self.layers)}
         length = prompt.shape[-2]
         attention = {l: self._gated(i, length) for i, l in enumerate(self.layers)}
-        return self.vit(x, prefix=prefix, attention=attention)
+        return self.vit(x, prefix=self.prefixes(prompt, x.shape[0], mixing), attention=attention)
 
     def _gated(self, i: int, length: int):
         alpha, beta = self.act_scale[i, 0], self.act_scale[i, 1]

@@ -38,9 +38,11 @@ class RunEstimate:
     stages_s: float
     eval_s: float
     basis: str  # "profile <date> ..." or "measured now ..."
+    runs: int = 1  # the runs of this configuration it stands for (a dry run: its seeds to do)
 
     @property
     def seconds(self) -> float:
+        """One run's seconds."""
         return self.train_s + self.stages_s + self.eval_s
 
 
@@ -98,10 +100,16 @@ def _describe(record: dict, measured: bool) -> str:
 def estimate(specs: Sequence[RunSpec], profiles: Sequence[dict], *, device: str = "auto",
              measure: bool = True, batch_size: int | None = None, eval_batch_size: int = 256,
              steps: int = 1, budget_s: float = 10.0,
-             progress: Callable[[str], None] | None = None) -> list[RunEstimate]:
+             progress: Callable[[str], None] | None = None,
+             runs: Sequence[int] | None = None) -> list[RunEstimate]:
     """One `RunEstimate` per spec, in order. A spec with no matching profile record is measured
     on the spot (`profile_method` with `steps` timed steps at `batch_size`, None = the method's
-    own) when `measure`, else it raises ValueError naming the missing profile."""
+    own) when `measure`, else it raises ValueError naming the missing profile. `runs[i]`, when
+    given, is how many runs `specs[i]` stands for (one configuration's seeds: a run's time does not
+    depend on its seed), so a sweep of any size is estimated from its configurations."""
+    runs = [1] * len(specs) if runs is None else list(runs)
+    if len(runs) != len(specs):
+        raise ValueError(f"runs gives {len(runs)} counts for {len(specs)} specs")
     latest: dict[tuple, dict] = {}
     for r in profiles:
         if r.get("kind") != "profile":
@@ -113,7 +121,7 @@ def estimate(specs: Sequence[RunSpec], profiles: Sequence[dict], *, device: str 
     measured: dict[tuple, dict] = {}
     vits: dict[str, object] = {}
     out = []
-    for spec in specs:
+    for spec, n in zip(specs, runs):
         proto = load_protocol(spec.protocol)
         hparams = resolve(spec, proto)["hparams"]
         key = (proto.name, spec.method, spec.precision, _arch(spec.backbone))
@@ -143,12 +151,12 @@ def estimate(specs: Sequence[RunSpec], profiles: Sequence[dict], *, device: str 
             basis = _describe(record, measured=True)
         train, stages, evaluation = run_seconds(proto, spec.method, hparams,
                                                 record["train_img_s"], record["eval_img_s"])
-        out.append(RunEstimate(spec, train, stages, evaluation, basis))
+        out.append(RunEstimate(spec, train, stages, evaluation, basis, n))
     return out
 
 
 def total_seconds(estimates: Sequence[RunEstimate]) -> float:
-    return sum(e.seconds for e in estimates)
+    return sum(e.seconds * e.runs for e in estimates)
 
 
 def human(seconds: float) -> str:
@@ -179,15 +187,15 @@ def format_estimates(estimates: Sequence[RunEstimate], device: str = "",
     rows = []
     for (protocol, backbone, label, _, precision), es in groups.items():
         one = es[0]
+        n = sum(e.runs for e in es)
         rows.append([protocol, backbone, label + ("" if precision == "fp32" else f" ({precision})"),
-                     len(es), human(one.train_s), human(one.stages_s), human(one.eval_s),
-                     human(sum(e.seconds for e in es) / len(es)), human(sum(e.seconds for e in es)),
-                     one.basis])
+                     f"{n:,}", human(one.train_s), human(one.stages_s), human(one.eval_s),
+                     human(total_seconds(es) / n), human(total_seconds(es)), one.basis])
     table = tabulate(rows, headers=["protocol", "backbone", "method", "runs", "train", "stages",
                                     "eval", "per run", "all runs", "basis"], tablefmt="github")
     total = total_seconds(estimates)
     hours = f" ({total / 3600:,.0f} h)" if total >= 2 * 86400 else ""
-    lines = [table, "", f"total: {len(estimates)} runs, {human(total)}{hours} one after another"
+    lines = [table, "", f"total: {sum(e.runs for e in estimates):,} runs, {human(total)}{hours} one after another"
                         + (f" on {device}" if device else "")]
     for protocol in dict.fromkeys(e.spec.protocol for e in estimates):
         loader = [r for r in loader_records if r.get("protocol") == protocol]

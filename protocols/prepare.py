@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from benchmarks import cifar100, cub200, fashion_mnist, imagenet_r
-from benchmarks.common import cache_dir, resolve_data_root
+from benchmarks.common import cache_dir, entry_kind, path_kind, resolve_data_root, scan
 from methods.backbones import BackboneError, find_weights, get_spec, verify_checkpoint
 
 from .download import DEFAULT_TIMEOUT, DigestCache, Digests, FetchError, download, extract, mirrored, now
@@ -223,17 +223,28 @@ def _marker_text(folder: Path) -> str | None:
 
 
 def _missing_listed(folder: Path, rels: Iterable[str]) -> list[str]:
-    """The relative paths of `rels` not present under `folder` (one listing per subfolder)."""
+    """The relative paths of `rels` not present under `folder` (one listing per subfolder). A
+    symbolic link loop in a listed subfolder is a `DataError` naming it, as the readers say it
+    (`benchmarks.common.entry_kind`): an input error before any run, not a missing file."""
     seen: dict[str, set[str]] = {}
     out = []
     for rel in rels:
         sub, _, leaf = rel.rpartition("/")
         if sub not in seen:
             d = folder / sub
-            seen[sub] = {e.name for e in os.scandir(d) if e.is_file()} if d.is_dir() else set()
+            seen[sub] = {e.name for e in scan(d) if entry_kind(e) == "file"} if path_kind(d) == "dir" else set()
         if leaf not in seen[sub]:
             out.append(rel)
     return out
+
+
+def _check_tree(d: Path) -> None:
+    """Look at every entry of the class folders of the ImageNet-R folder `d`, as the reader will:
+    a symbolic link loop there is a `DataError` naming it now, before any run."""
+    for e in scan(d):
+        if imagenet_r.WNID.match(e.name) and entry_kind(e) == "dir":
+            for f in scan(Path(e.path)):
+                entry_kind(f)
 
 
 def _incomplete(missing: list[str], total: int, what: str) -> str:
@@ -273,6 +284,7 @@ def _data_state(r: Requirement, cache: DigestCache, verify: bool) -> State:
             texts.append(text)
         return State(r, "ok", d, texts[0] if texts[0].startswith("verified") else marker or texts[0])
     if r.name == "imagenet_r":
+        _check_tree(d)
         if r.split == "coda":
             entries, _ = imagenet_r.read_split_folder(imagenet_r.CODA_SPLIT_DIR)
             missing = _missing_listed(d, (rel for _, rel in entries))

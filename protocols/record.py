@@ -4,21 +4,34 @@ of a run that failed.
 A run record is a plain dict (JSON). The runner builds a complete one (`complete_record`), a sweep
 builds a failed one (`failed_record`), the local store and the published records refuse one that
 breaks the contract (`validate_record`, the same message in both), and the statistics and every
-page read the names defined here. This module imports nothing but the standard library, so the
-leaderboard, which is built from records alone and never loads torch, reads it too.
+page read the names defined here.
+
+A record verifies itself: every number derived from its accuracy matrix is recomputed
+(`protocols.metrics.summarize`), the final accuracy and the matrix's last column are checked
+against the per-class accuracies, WTP / TII against the final accuracy, and a record sealed by
+the driver (`seal_record`) carries `record_sha256`, the hash of its own canonical JSON, so an edit
+is found even where the numbers still agree. This module imports the standard library and the
+metrics (numpy, no torch), so the leaderboard, which is built from records alone and never loads
+torch, reads it too.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from .metrics import summarize
+
 __all__ = ["FIELDS", "OPTIONAL_FIELDS", "IDENTITY_FIELDS", "FAILED_RECORD_FIELDS", "REQUIRED_FIELDS", "FAILED_FIELDS", "Metric",
            "METRICS", "REQUIRED_METRICS", "HIGHER_IS_BETTER", "COST_FIELDS", "TIMING_FIELDS",
            "REAL_PROTOCOLS", "RecordError", "complete_record", "failed_record", "validate_record",
-           "record_problems", "utc_now"]
+           "record_problems", "utc_now", "record_digest", "seal_record", "derived_problems", "seal_problems",
+           "BALANCED_TEST_SETS"]
 
 #: Every field of a complete run record, with what it holds.
 FIELDS: dict[str, str] = {
@@ -58,17 +71,20 @@ FIELDS: dict[str, str] = {
     "eval_batch_size": "the evaluation batch size (results never depend on it)",
     "created": "when the run ended (ISO 8601, UTC, seconds)",
     "argv": "the command line of the sweep that ran it (stamped by the driver, never by a worker)",
+    "record_sha256": "sha256 of the record's canonical JSON without this field (`record_digest`): "
+                     "sealed by the driver when it stores the run, verified wherever the record is read",
 }
 #: Fields a complete record may lack: the split (ImageNet-R only), the command line (stamped by
-#: the driver after the run) and the data copy (records made before it was recorded).
-OPTIONAL_FIELDS: tuple[str, ...] = ("split", "argv", "data_source")
+#: the driver after the run), the data copy (records made before it was recorded) and the seal
+#: (added by the driver last; the records published before it existed have none).
+OPTIONAL_FIELDS: tuple[str, ...] = ("split", "argv", "data_source", "record_sha256")
 #: What a run was asked to do: the fields a complete and a failed record share.
 IDENTITY_FIELDS: tuple[str, ...] = ("key", "protocol", "backbone", "method", "label", "table", "position",
                                     "precision", "seed", "spec")
 #: What a failed run's record holds instead of results: it is stored so that a sweep goes on, lists
 #: it and retries it; it never reaches a table.
 FAILED_RECORD_FIELDS: tuple[str, ...] = (*IDENTITY_FIELDS, "status", "error", "traceback", "versions",
-                                         "created", "argv")
+                                         "created", "argv", "record_sha256")
 
 #: The fields without which a complete record cannot be placed in a table or reproduced (records
 #: written before the other fields existed are still valid).
@@ -157,7 +173,7 @@ def failed_record(identity: Mapping[str, Any], *, error: str, traceback: str, ve
     """The record of a run that raised: what was asked (`identity`), and why there is no result."""
     record = {**identity, "status": "failed", "error": error, "traceback": traceback,
               "versions": dict(versions), "created": created}
-    _check_names(record, FAILED_RECORD_FIELDS, ("argv",))
+    _check_names(record, FAILED_RECORD_FIELDS, ("argv", "record_sha256"))
     validate_record(record)
     return record
 
@@ -198,7 +214,128 @@ def record_problems(record: Mapping[str, Any]) -> list[str]:
     if matrix is not None and (not isinstance(matrix, list) or not matrix
                                or any(not isinstance(r, list) or len(r) != len(matrix) for r in matrix)):
         problems.append("'acc_matrix' must be a non-empty square T x T list of lists")
+    if not problems and status == "ok":
+        problems += derived_problems(record)
+    if "record_sha256" in record:
+        problems += seal_problems(record)
     return problems
+
+
+# ------------------------------------------------------------------------------ verification
+
+#: The data sets whose test sets hold the same number of images of every class (Fashion-MNIST
+#: 1,000 and CIFAR-100 100 per class; a per-class subsample keeps that): there the final accuracy
+#: is the mean of the per-class accuracies, and each task's final accuracy the mean over its
+#: classes. Elsewhere (ImageNet-R, CUB-200) they are weighted means: bounded by those accuracies.
+BALANCED_TEST_SETS: tuple[str, ...] = ("fashion_mnist", "cifar100")
+#: Metrics recomputed from the accuracy matrix must agree to float noise (the same formulas).
+_SAME = 1e-6
+#: Per-class and final accuracies are averaged in float32 by the evaluation: agreement to this
+#: many percentage points (float32 noise is about 1e-5 here; a hand edit moves a number by far more).
+_FLOAT32 = 1e-3
+
+
+def derived_problems(record: Mapping[str, Any]) -> list[str]:
+    """What in a complete record disagrees with itself ([] when everything agrees): FAA, CAA,
+    FFM and BWT recomputed from its accuracy matrix; the final accuracy, and each task's final
+    accuracy, against the per-class accuracies; WTP and TII against the final accuracy (an image
+    is right exactly when both its within-task prediction and its task are: final accuracy <=
+    min(WTP, TII) and >= WTP + TII - 100). WTP and TII themselves need the predictions, which a
+    record does not keep: the seal protects them (`seal_problems`)."""
+    metrics, acc = record["metrics"], record["acc_matrix"]
+    try:
+        recomputed = summarize(acc)
+    except ValueError as e:
+        return [f"'acc_matrix' {e}"]
+    problems = []
+    for name, value in recomputed.items():
+        if abs(float(metrics[name]) - value) > _SAME:
+            problems.append(f"metrics.{name} is {metrics[name]!r} but its accuracy matrix gives {value!r}")
+    for name in ("final_acc", "wtp", "tii"):
+        if name in metrics and metrics[name] is not None and not _is_number(metrics[name]):
+            problems.append(f"metrics.{name} must be a finite number, got {metrics[name]!r}")
+    if problems:
+        return problems
+    final, wtp, tii = (metrics.get(m) for m in ("final_acc", "wtp", "tii"))
+    if final is not None and wtp is not None and tii is not None and not (
+            wtp + tii - 100 - _FLOAT32 <= final <= min(wtp, tii) + _FLOAT32):
+        problems.append(f"metrics.final_acc {final!r} is impossible with wtp {wtp!r} and tii {tii!r} (an "
+                        "image is right exactly when its task and its class within the task are)")
+    per_class = record.get("per_class_acc")
+    if isinstance(per_class, Mapping) and per_class:
+        problems += _per_class_problems(record, per_class, final, acc)
+    return problems
+
+
+def _per_class_problems(record: Mapping[str, Any], per_class: Mapping[str, Any], final: Any,
+                        acc: list) -> list[str]:
+    if not all(_is_number(v) for v in per_class.values()):
+        return ["'per_class_acc' must map class ids to finite numbers (percent)"]
+    spec = record.get("spec") or {}
+    protocol = spec.get("protocol") if isinstance(spec, Mapping) else None
+    balanced = isinstance(protocol, Mapping) and protocol.get("dataset") in BALANCED_TEST_SETS
+    problems = []
+
+    def check(what: str, value: float, classes: list[str]) -> None:
+        values = [float(per_class[c]) for c in classes]
+        mean = sum(values) / len(values)
+        if balanced and abs(value - mean) > _FLOAT32:
+            problems.append(f"{what} is {value!r} but the mean of its classes' accuracies (per_class_acc) "
+                            f"is {mean!r}")
+        elif not min(values) - _FLOAT32 <= value <= max(values) + _FLOAT32:
+            problems.append(f"{what} is {value!r}, outside its classes' accuracies "
+                            f"({min(values)!r} .. {max(values)!r} in per_class_acc)")
+
+    if final is not None:
+        check("metrics.final_acc", float(final), list(per_class))
+    t = len(acc)
+    tasks = record.get("classes_per_task")
+    if isinstance(tasks, list) and len(tasks) >= t:
+        for j, classes in enumerate(tasks[:t]):
+            names = [str(c) for c in classes] if isinstance(classes, list) else []
+            if names and all(c in per_class for c in names):
+                check(f"acc[{j}][{t - 1}] (task {j} after the last task)", float(acc[j][t - 1]), names)
+    return problems
+
+
+def _canonical(record: Mapping[str, Any]) -> bytes:
+    body = {k: v for k, v in record.items() if k != "record_sha256"}
+    return json.dumps(body, sort_keys=True, ensure_ascii=False, allow_nan=False,
+                      separators=(",", ":")).encode("utf-8")
+
+
+def record_digest(record: Mapping[str, Any]) -> str:
+    """sha256 of the record's canonical JSON (sorted keys, no spaces, UTF-8) without its
+    `record_sha256`: what `seal_record` stores and every reader compares."""
+    try:
+        return hashlib.sha256(_canonical(record)).hexdigest()
+    except (TypeError, ValueError) as e:
+        raise RecordError(f"run record {record.get('key')!r} is not plain JSON: {e}") from None
+
+
+def seal_record(record: Mapping[str, Any]) -> dict[str, Any]:
+    """`record` with its `record_sha256`: the driver seals each record as the last thing before
+    storing it (after stamping the command line), so any later edit of any field (WTP and TII
+    included, which cannot be recomputed without the predictions) is found on load."""
+    return {**{k: v for k, v in record.items() if k != "record_sha256"}, "record_sha256": record_digest(record)}
+
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def seal_problems(record: Mapping[str, Any]) -> list[str]:
+    """[] when `record_sha256` is the hash of the record's content, else what is wrong."""
+    seal = record.get("record_sha256")
+    if not isinstance(seal, str) or not _HEX64.match(seal):
+        return [f"'record_sha256' must be a sha256 (64 hex digits), got {seal!r}"]
+    try:
+        digest = record_digest(record)
+    except RecordError as e:
+        return [str(e)]
+    if digest != seal:
+        return ["its content does not match its record_sha256 (the record was changed after it was "
+                "made: restore the line from version control, or rerun the run)"]
+    return []
 
 
 def validate_record(record: Mapping[str, Any]) -> None:

@@ -8,9 +8,9 @@ prompt choice, the prefix mixing) are measurements of the same trained model, so
 companion record per run key (`leaderboard/records/reference/<protocol>__<backbone>.jsonl` once
 published) that names the run it extends and repeats its per-sample accuracy matrix: that
 matrix, equal to the published one, is the proof that the model re-evaluated is the published
-one (no checkpoint is stored; the run is trained again). Like `protocols.record`, this module
-imports nothing but the standard library and it: the runner builds these records and the leaderboard,
-which never loads torch, reads them.
+one (no checkpoint is stored; the run is trained again). This module imports the standard library
+and `protocols.record` only (no torch): the runner builds these records and the leaderboard, which
+never loads torch, reads them.
 """
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ import json
 import platform
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -141,6 +142,39 @@ def run_key(resolved: dict[str, Any]) -> str:
 
 def spec_key(spec: RunSpec) -> str:
     return run_key(resolve(spec))
+
+
+class _SeedSlot:
+    """Stands for the seed while a resolved spec is serialised once (`seed_keys`)."""
+    TEXT = "promptcl-seed-slot-7f3a9c"
+
+    def __str__(self) -> str:
+        return self.TEXT
+
+
+def seed_keys(resolved: dict[str, Any]) -> Callable[[int], str]:
+    """`seed -> run_key({**resolved, "seed": seed})` for one configuration, resolved once: its
+    canonical JSON is cut where the seed goes, the part before it is hashed once, and each seed's
+    key only hashes the seed and the rest. The keys are exactly `run_key`'s (the same bytes are
+    hashed), at a small fraction of the cost: planning 100,000 seeds does not resolve the
+    hyperparameters 100,000 times."""
+    slot = json.dumps(str(_SeedSlot()))
+    text = json.dumps({**resolved, "seed": _SeedSlot()}, sort_keys=True, default=str)
+    if text.count(slot) != 1:  # the slot's text is in the spec itself (never, in practice)
+        return lambda seed: run_key({**resolved, "seed": int(seed)})
+    head, _, tail = text.partition(slot)
+    prefix = hashlib.sha256(head.encode())
+
+    def key(seed: int) -> str:
+        h = prefix.copy()
+        h.update(f"{int(seed)}{tail}".encode())
+        return h.hexdigest()
+    return key
+
+
+def config_keys(spec: RunSpec, protocol: Protocol | None = None) -> Callable[[int], str]:
+    """The run key of `spec`'s configuration at any seed (`seed_keys` of its resolved spec)."""
+    return seed_keys(resolve(spec, protocol))
 
 
 def record_identity(spec: RunSpec, protocol: Protocol | None = None,

@@ -58,7 +58,7 @@ from methods import backbones, registry
 
 from .devices import device_name, resolve_device
 from .errors import SweepError
-from .record import REAL_PROTOCOLS
+from .record import REAL_PROTOCOLS, seal_record
 from .reference_record import REFERENCE_KEY
 from .runner import RunOptions, RunSpec, method_hparams, run, versions
 from .schema import PROTOCOL_DIR, load_protocol
@@ -257,7 +257,7 @@ def run_smoke(protocols: Sequence[str] = ("all",), methods: Sequence[str] = ("al
         reference = record.pop(REFERENCE_KEY, None) if record is not None else None
         complete = record is not None and is_complete(record, n_tasks)
         if complete:
-            store.put(record)
+            store.put(seal_record(record))
         smoke = {"kind": "smoke",
                  "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                  "device": where, "protocol": proto.name, "backbone": spec.backbone,

@@ -8,9 +8,9 @@ the leaderboard, which is built from records alone.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import closing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol as TypingProtocol
 
@@ -19,8 +19,8 @@ from methods import backbones, registry
 from .devices import check_device, check_gpus
 from .errors import USER_ERRORS, ExecutorError, SweepError
 from .executors import RunFailure, execute
-from .record import failed_record, utc_now
-from .runner import RunOptions, RunSpec, method_hparams, record_identity, spec_key, versions
+from .record import failed_record, seal_record, utc_now
+from .runner import RunOptions, RunSpec, config_keys, method_hparams, record_identity, versions
 from .schema import Protocol, available, load_protocol
 
 
@@ -78,6 +78,13 @@ def backbones_for(proto: Protocol, choice: str | Sequence[str]) -> list[str]:
 def plan(req: SweepRequest) -> list[RunSpec]:
     """The RunSpecs of a request, in order (protocol, backbone, main methods then ablation rungs,
     seed). Raises SweepError / UnknownMethodError / ProtocolError before anything runs."""
+    return [replace(config, seed=seed) for config in configurations(req) for seed in range(req.seeds)]
+
+
+def configurations(req: SweepRequest) -> list[RunSpec]:
+    """One RunSpec per configuration of a request (at seed 0), in `plan`'s order: what is checked,
+    resolved and estimated once however many seeds run it (`plan` is each of them at seeds
+    0..N-1). Raises SweepError / UnknownMethodError / ProtocolError before anything runs."""
     if isinstance(req.seeds, bool) or not isinstance(req.seeds, int) or req.seeds < 1:
         raise SweepError(f"--seeds must be a positive number of seeds (runs use seeds 0..N-1), "
                          f"got {req.seeds!r}")
@@ -125,9 +132,8 @@ def plan(req: SweepRequest) -> list[RunSpec]:
         _check_hparams(proto, runs, req.overrides)
         for bb in backbones_for(proto, req.backbones):
             for method, label, table, position, rung in runs:
-                for seed in range(req.seeds):
-                    specs.append(RunSpec(where, bb, method, seed, dict(req.overrides.get(method, {})),
-                                         label, table, position, req.precision, rung))
+                specs.append(RunSpec(where, bb, method, 0, dict(req.overrides.get(method, {})),
+                                     label, table, position, req.precision, rung))
     return specs
 
 
@@ -180,8 +186,37 @@ def _check_hparams(proto, runs, overrides: dict[str, dict[str, Any]]) -> None:
 
 
 def keyed(specs: Sequence[RunSpec]) -> list[tuple[RunSpec, str]]:
-    """Each spec with its run key (the hash of its resolved spec)."""
-    return [(s, spec_key(s)) for s in specs]
+    """Each spec with its run key (the hash of its resolved spec, `runner.spec_key`), each
+    configuration resolved once (`runner.config_keys`), not once per seed."""
+    keys: dict[RunSpec, Callable[[int], str]] = {}
+    protocols: dict[str, Protocol] = {}
+    out = []
+    for s in specs:
+        config = replace(s, seed=0)
+        if config not in keys:
+            if s.protocol not in protocols:
+                protocols[s.protocol] = load_protocol(s.protocol)
+            keys[config] = config_keys(config, protocols[s.protocol])
+        out.append((s, keys[config](s.seed)))
+    return out
+
+
+def pending(configs: Sequence[RunSpec], seeds: int, stored: Mapping[str, int]) -> list[tuple[RunSpec, int]]:
+    """Each configuration with how many of its seeds 0..seeds-1 are not stored yet, in time and
+    memory that do not grow with `seeds`: only the seeds `stored` ({key: seed} of the complete
+    runs, `RunStore.complete_runs`) holds are hashed. What a dry run of any size counts."""
+    held = sorted({s for s in stored.values() if 0 <= s < seeds})
+    protocols: dict[str, Protocol] = {}
+    out = []
+    for config in configs:
+        if not held:
+            out.append((config, seeds))
+            continue
+        if config.protocol not in protocols:
+            protocols[config.protocol] = load_protocol(config.protocol)
+        key = config_keys(config, protocols[config.protocol])
+        out.append((config, seeds - sum(stored.get(key(s)) == s for s in held)))
+    return out
 
 
 def execute_pending(todo: Sequence[RunSpec], store: Store, options: RunOptions, *,
@@ -205,6 +240,7 @@ def execute_pending(todo: Sequence[RunSpec], store: Store, options: RunOptions, 
             else:
                 record = outcome
             record["argv"] = list(argv)
+            record = seal_record(record)  # the last change: any later edit is found on load
             store.put(record)
             yield spec, record
 

@@ -32,6 +32,7 @@ from leaderboard import store as store_module
 from leaderboard.records import publish
 from leaderboard.store import RunStore
 from methods import registry
+from protocols.metrics import summarize
 from test_leaderboard_store import make_record
 
 REPO = Path(__file__).resolve().parent.parent
@@ -167,6 +168,24 @@ def _(env):
 @case("set value out of range")
 def _(env):
     return Bad(["--set", "head_only.epochs=-1"], "epochs")
+
+
+@case("set smope.ca_lr=nan")
+def _(env):
+    return Bad(["--protocols", "fmnist-5t", "--methods", "smope", "--set", "smope.ca_lr=nan"], "ca_lr",
+               also=["--set", "finite"], check=lambda: _no_run_started(env))
+
+
+@case("set smope.eps=nan")
+def _(env):
+    return Bad(["--protocols", "fmnist-5t", "--methods", "smope", "--set", "smope.eps=nan"], "eps",
+               also=["--set", "finite"], check=lambda: _no_run_started(env))
+
+
+@case("set smope.ca_epochs=-1")
+def _(env):
+    return Bad(["--protocols", "fmnist-5t", "--methods", "smope", "--set", "smope.ca_epochs=-1"], "ca_epochs",
+               also=["--set", ">= 0"], check=lambda: _no_run_started(env))
 
 
 @case("set of an unknown method")
@@ -338,6 +357,20 @@ def _(env):
     return Bad(["--data-root", str(f)], str(f))
 
 
+@case("data-root whose fashion-mnist entry is a link loop")
+def _(env):
+    root = env.tmp / "loopdata"
+    root.mkdir()
+    (root / "fashion-mnist").symlink_to(root / "fashion-mnist")  # never the system copy instead
+    return Bad(["--data-root", str(root)], f"{root / 'fashion-mnist'}: a symbolic link loop")
+
+
+@case("dry-run with a data-root that is a file")
+def _(env):
+    f = env.file("data.txt")
+    return Bad(["dry-run", "--data-root", str(f)], str(f))
+
+
 class _Payload:
     """Unpickling this calls `fn(*args)`: what a crafted file would do."""
 
@@ -422,6 +455,36 @@ def _(env):
                                      f"split_file: {split}\nmethods:\n  head_only: {{epochs: 1}}\n")
     return Bad(["--protocols", str(proto), "--data-root", str(env.tmp / "inr")], str(root),
                also=["cannot decode this image"])
+
+
+@case("imagenet-r tree with a looping link")
+def _(env):
+    root, split = write_imagenet_r_coda(env.tmp / "inr", train_per_class=1, test_per_class=1, real_size=False)
+    wnid = sorted(p.name for p in root.iterdir() if p.is_dir())[0]
+    loop = root / wnid / "loop.jpg"
+    loop.symlink_to(loop)
+    proto = env.file("inr-10t.yaml", f"name: inr-10t\ndataset: imagenet_r\nnum_tasks: 10\nbackbones: [tiny]\n"
+                                     f"split_file: {split}\nmethods:\n  head_only: {{epochs: 1}}\n")
+    # an input error found before any run (the pre-run check reads the tree as the reader will)
+    return Bad(["--protocols", str(proto), "--data-root", str(env.tmp / "inr")], f"{loop}: a symbolic link loop",
+               check=lambda: _no_run_started(env))
+
+
+@case("cub image that is a looping link")
+def _(env):
+    root = write_cub200(env.tmp / "cub", num_classes=2, per_class=2)
+    photo = sorted((root / "images").rglob("*.jpg"))[0]
+    photo.unlink()
+    photo.symlink_to(photo)
+    proto = env.file("cub-2t.yaml", "name: cub-2t\ndataset: cub200\nnum_tasks: 2\nbackbones: [tiny]\n"
+                                    "methods:\n  head_only: {epochs: 1}\n")
+    return Bad(["--protocols", str(proto), "--data-root", str(env.tmp / "cub")], f"{photo}: a symbolic link loop",
+               check=lambda: _no_run_started(env))
+
+
+def _no_run_started(env: Env) -> None:
+    """No run began: a run writes its log beside the store as it starts."""
+    assert not (env.tmp / "logs").exists()
 
 
 @case("imagenet-r split file not text")
@@ -670,6 +733,27 @@ def _(env):
     return Bad(["export", str(f)], str(f))
 
 
+@case("export onto an SQLite file named .csv")
+def _(env):
+    f = env.tmp / "results.csv"
+    with sqlite3.connect(f) as conn:
+        conn.execute("CREATE TABLE results (x)")
+    return Bad(["export", str(f)], str(f), also=["not a CSV an export wrote"])
+
+
+@case("export onto a CSV another program wrote")
+def _(env):
+    f = env.file("scores.csv", "name,score\nalice,3\n")
+    return Bad(["export", str(f)], str(f), also=["not a CSV an export wrote"])
+
+
+@case("publish into a read-only records file")
+def _(env):
+    (f,) = env.records.glob("*.jsonl")
+    f.chmod(0o444)  # refused as read-only even by root, whom the mode would not stop
+    return Bad(["publish"], str(f), also=["is read-only"])
+
+
 @case("export to a folder")
 def _(env):
     return Bad(["export", str(env.tmp)], str(env.tmp))
@@ -777,9 +861,9 @@ def _(env):
 @case("publish a run that conflicts")
 def _(env):
     f = env.tmp / "cluster.sqlite"
-    rec = make_record(seed=1)  # published by the fixture, here with other numbers
+    rec = make_record(seed=1)  # published by the fixture, here with other numbers (consistent in themselves)
     rec["acc_matrix"][0][0] = 10.0
-    rec["metrics"]["faa"] = 1.0
+    rec["metrics"].update(summarize(rec["acc_matrix"]))
     RunStore(f).put(rec)
     return Bad(["publish", str(f)], rec["key"][:12], also=[str(f)])
 

@@ -10,6 +10,8 @@ from benchmarks.synthetic import write_fashion_mnist
 from leaderboard.records import (RecordConflict, load_published, merge, publish, reproduction)
 from leaderboard.render import render_all
 from leaderboard.store import RunStore
+from protocols.metrics import summarize
+from protocols.record import seal_record
 from test_leaderboard_render import parse_tables, pm
 from test_leaderboard_stats import recs_for
 from test_leaderboard_store import make_record
@@ -136,9 +138,9 @@ def test_publish_refuses_a_conflict_and_names_both(tmp_path):
     publish(recs, tmp_path)
     n = len(load_published(tmp_path))
     assert publish(recs, tmp_path).already == len(recs)  # same key, same numbers: nothing to do
-    bad = dict(recs[0], metrics={**recs[0]["metrics"], "faa": 12.0},
-               acc_matrix=[[12.0, 1.0, 1.0], [None, 1.0, 1.0], [None, None, 1.0]],
-               device="cuda:0 (elsewhere)")
+    other = [[12.0, 12.0, 12.0], [None, 12.0, 12.0], [None, None, 12.0]]  # consistent in itself
+    bad = dict(recs[0], metrics={**summarize(other), "final_acc": 12.0}, acc_matrix=other,
+               per_class_acc={"0": 12.0}, device="cuda:0 (elsewhere)")
     with pytest.raises(RecordConflict) as e:
         publish([make_record(method="new", seed=9), bad], tmp_path, source="cluster.sqlite")
     msg = str(e.value)
@@ -160,7 +162,8 @@ def test_publish_merges_a_store_from_elsewhere_through_the_cli(env, capsys):
     assert run_suite.main(["publish", str(tmp / "cluster.sqlite"), *page_options(tmp)]) == 0
     bad = RunStore(tmp / "bad.sqlite")
     r = recs_for(protocol="cub200-10t")[0]
-    bad.put({**r, "metrics": {**r["metrics"], "faa": 1.0}, "acc_matrix": [[1.0, 1.0, 1.0], [None, 1.0, 1.0], [None, None, 1.0]]})
+    other = [[1.0, 1.0, 1.0], [None, 1.0, 1.0], [None, None, 1.0]]  # another result, consistent in itself
+    bad.put({**r, "acc_matrix": other, "per_class_acc": {"0": 1.0}, "metrics": {**summarize(other), "final_acc": 1.0}})
     before = (tmp / "records" / "cub200-10t__tiny.jsonl").read_bytes()
     capsys.readouterr()
     assert run_suite.main(["publish", str(tmp / "bad.sqlite"), *page_options(tmp)]) == 2
@@ -177,13 +180,16 @@ def test_reproduction_line_counts_a_planted_difference(env, capsys):
     sweep = args + ["--protocols", str(proto), "--methods", "head_only", "--seeds", "2"]
     assert run_suite.main(sweep) == 0
     assert run_suite.main(["publish", *page_options(tmp)]) == 0
-    # plant a difference in one published record
+    # plant a difference in one published record: another result for its key, consistent in itself
+    # and sealed (a hand edit is refused on load: tests/test_record_integrity.py)
     path = tmp / "records" / "tiny-5t__tiny.jsonl"
     lines = path.read_text().splitlines()
     rec = json.loads(lines[1])
-    rec["acc_matrix"][0][4] += 10.0
-    rec["metrics"]["faa"] += 2.0
-    lines[1] = json.dumps(rec, sort_keys=True)
+    rec["acc_matrix"][0][4] += 10.0  # task 0: +10 points, so FAA +2
+    rec["metrics"] = {**summarize(rec["acc_matrix"]), "final_acc": rec["metrics"]["final_acc"] + 2.0}
+    for c in rec["classes_per_task"][0]:
+        rec["per_class_acc"][str(c)] += 10.0
+    lines[1] = json.dumps(seal_record(rec), sort_keys=True)
     path.write_text("\n".join(lines) + "\n")
     capsys.readouterr()
     assert run_suite.main(sweep + ["--store", str(tmp / "fresh.sqlite")]) == 0
