@@ -270,6 +270,9 @@ def test_the_reference_command_runs_publishes_and_renders(tmp_path, capsys):
     assert "| trained as the code (epochs=1) | 0, 1 | per sample |" in page
     assert "| trained per sample (epochs=1) | batch_vote @ 16 | 2 |" in page  # the paired test over both seeds
     assert "[l2p-trained-as-the-code](fmnist-5t__tiny__ablation-l2p-trained-as-the-code.md)" in page
+    # the code's training and evaluation together against the suite's, paired over both seeds
+    assert "Trained and evaluated as the public code does (trained as the code (epochs=1); batch_vote at test " \
+           "batch 16)" in page and "(n = 2, p " in page
 
     assert run_suite.main(args + ["--ablation", "l2p-trained-as-the-code", "--seeds", "2"]) == 0
     assert "4 runs planned, 4 already have reference records, 0 to run" in capsys.readouterr().out
@@ -288,11 +291,11 @@ def test_the_reference_command_runs_publishes_and_renders(tmp_path, capsys):
 # ---------------------------------------------------------------------------- the real shape
 def test_the_real_shape_dry_run_re_evaluates(tmp_path):
     """cifar100-10t's first 2 tasks on ViT-B/16 fed 32 px (the reduced dry run of
-    tests/test_smoke.py) with the re-evaluations on, for DualPrompt (both modes, together too) and
-    NoRGa (HiDe-Prompt's path, its reference batch 128): every planned evaluation gives a full
-    matrix, and at batch 1 and per sample the run's own. (`run_suite.py smoke --tasks 2
-    --protocols cifar100-10t --batch-sizes 16,64` runs every affected method at 224 px.)"""
-    methods = ["dualprompt", "norga"]
+    tests/test_smoke.py) with the re-evaluations on, for DualPrompt (both modes, and together):
+    every planned evaluation gives a full matrix, and at batch 1 and per sample the run's own.
+    (`run_suite.py smoke --tasks 2 --protocols cifar100-10t --methods l2p,dualprompt,hide_prompt,norga
+    --batch-sizes 16,64` runs every affected method at 224 px.)"""
+    methods = ["dualprompt"]
     done = list(smoke.run_smoke(["cifar100-10t"], methods, store=RunStore(tmp_path / "s.sqlite"),
                                 data_root=tmp_path / "data", tasks=2, train_per_class=1, test_per_class=2,
                                 backbone=smoke.REDUCED_BACKBONE, reference_batch_sizes=(4,)))
