@@ -1,14 +1,17 @@
 """A sweep: protocols x backbones x (methods | ablation rungs) x seeds -> run specs -> records.
 
 `plan` turns a `SweepRequest` into `RunSpec`s (checking every name, seed count and that each
-method has hyperparameters for each protocol before anything runs); `execute_pending` runs the
-specs a store does not hold yet on an executor and hands each record to the store as it arrives.
+method has hyperparameters for each protocol before anything runs); `pending` says which of them
+the store already holds, complete and made by the code of now (a run whose code changed since is
+stale, and runs again); `execute_pending` runs the others on an executor and hands each record to
+the store as it arrives.
 The store is passed in (anything with `has(key)` and `put(record)`): this package never imports
 the leaderboard, which is built from records alone.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +19,7 @@ from typing import Any, Protocol as TypingProtocol
 
 from methods import backbones, registry
 
+from .code_identity import code_identity, stale_reason
 from .devices import check_device, check_gpus
 from .errors import USER_ERRORS, ExecutorError, SweepError
 from .executors import RunFailure, execute
@@ -182,6 +186,54 @@ def _check_hparams(proto, runs, overrides: dict[str, dict[str, Any]]) -> None:
 def keyed(specs: Sequence[RunSpec]) -> list[tuple[RunSpec, str]]:
     """Each spec with its run key (the hash of its resolved spec)."""
     return [(s, spec_key(s)) for s in specs]
+
+
+@dataclass
+class Pending:
+    """Which planned runs a sweep runs, and why each stored one runs again."""
+    todo: list[RunSpec] = field(default_factory=list)
+    kept: int = 0  # complete runs stored by the code of now: not run again
+    stale: Counter = field(default_factory=Counter)  # why -> stored complete runs run again for it
+    forced: int = 0  # stored complete runs run again because the user asked (--rerun)
+
+    @property
+    def rerun(self) -> int:
+        return sum(self.stale.values()) + self.forced
+
+    def lines(self) -> list[str]:
+        """What is run again and why, one line each ([] when nothing is)."""
+        out = [f"  {n} stale run(s) run again: {why}" for why, n in sorted(self.stale.items())]
+        if self.forced:
+            out.append(f"  {self.forced} stored run(s) run again: --rerun")
+        return out
+
+
+def pending(specs: Sequence[tuple[RunSpec, str]], stored: Callable[[str], dict[str, Any] | None],
+            rerun: bool = False) -> Pending:
+    """Sort keyed `specs` (`keyed`) by what `stored(key)` (the store's record, or None) holds: a
+    complete run made by the code of now (`protocols.code_identity`) is kept; one made by other
+    code is stale and runs again, and so does one that recorded no code (made before records
+    carried it: its code cannot be known); a missing or failed run runs; `rerun` runs them all."""
+    out = Pending()
+    now: dict[str, dict[str, Any]] = {}
+    for spec, key in specs:
+        record = stored(key)
+        if record is None or record.get("status", "ok") != "ok":
+            out.todo.append(spec)
+            continue
+        if rerun:
+            out.forced += 1
+            out.todo.append(spec)
+            continue
+        if spec.method not in now:
+            now[spec.method] = code_identity(spec.method)
+        why = stale_reason(record.get("code"), now[spec.method])
+        if why is None:
+            out.kept += 1
+        else:
+            out.stale[why] += 1
+            out.todo.append(spec)
+    return out
 
 
 def execute_pending(todo: Sequence[RunSpec], store: Store, options: RunOptions, *,
