@@ -47,6 +47,7 @@ def test_the_readme_quotes_the_main_table_and_has_no_placeholders():
     assert [README_NAMES[r["method"]] for r in readme] == list(page)  # same rows, same order
     for r in readme:
         p = page[README_NAMES[r["method"]]]
-        for col in ("FAA", "CAA", "FFM", "WTP", "TII"):
+        for col in ("FAA", "CAA", "FFM", "BWT", "WTP", "TII"):
             assert r[col] == p[col], (r["method"], col)
         assert r["added params"] == p["trainable params"] and r["passes (test)"] == p["passes (test)"]
+        assert r["GFLOPs per run"] == p["GFLOPs per run (forward)"]
