@@ -22,7 +22,8 @@ __all__ = ["FIELDS", "OPTIONAL_FIELDS", "IDENTITY_FIELDS", "FAILED_RECORD_FIELDS
 
 #: Every field of a complete run record, with what it holds.
 FIELDS: dict[str, str] = {
-    "key": "sha256 of the resolved spec: a sweep skips stored keys, publishing compares them",
+    "key": "sha256 of the resolved spec: a sweep skips a stored key made by the code of now (`code`), "
+           "publishing compares them",
     "protocol": "the protocol's name",
     "backbone": "the backbone's name",
     "method": "the method's registered name",
