@@ -442,8 +442,8 @@ def render_tables(records: Iterable[Mapping[str, Any]], files: GeneratedFiles,
     lines += [f"{len(frame)} runs over {n_pairs} protocol x backbone pair(s): {n_pub} published "
               f"(`leaderboard/records/`), {len(frame) - n_pub} from the local run store not published yet; "
               f"newest record {_date(frame['created'].max())}. Every number comes from these run records. "
-              "Each table's best method is named apart from its bounds (head_only, the lower bound; joint, the "
-              "upper bound: references, not contestants).", ""]
+              "Each table's best method is named apart from its bounds (the lower and the upper bound: "
+              "references that frame the methods, not contestants).", ""]
     if index_main:
         lines += ["## Main tables", "", *index_main, ""]
     if index_abl:
