@@ -360,9 +360,9 @@ def render_local(args) -> None:
     local = [r for r in local_records(args) if r["key"] not in keys and r.get("status", "ok") == "ok"]
     res = render_all(published, local, out, profiles=load_measurements(profiles_dir(args)),
                      smoke=load_measurements(smoke_dir(args)), run_costs=run_costs(published + local))
-    print(f"local pages: {len(published)} published + {len(local)} local runs, marked (local) -> {len(res)} "
-          f"files in {out}/ ({len(res.changed)} changed, {len(res.removed)} removed); the committed pages in "
-          f"{pages_dir(args)}/ change only by `publish`")
+    print(f"local pages: {len(published)} published + {len(local)} local runs{' (marked local)' if local else ''} "
+          f"-> {len(res)} files in {out}/ ({len(res.changed)} changed, {len(res.removed)} removed); the committed "
+          f"pages in {pages_dir(args)}/ change only by `publish`")
 
 
 def sweep_request(args):
