@@ -26,7 +26,7 @@ from .devices import device_name, resolve_device
 from .profile import profile_method
 from .runner import RunSpec, resolve
 from .schema import Protocol, load_protocol
-from .work import run_work, split_sizes
+from .work import run_work
 
 
 @dataclass(frozen=True)
