@@ -265,7 +265,7 @@ def _smoke_section(smoke: list[Mapping]) -> list[str]:
     lines = ["## Real-shape dry runs (smoke records)", "",
              "Kept apart from the results: a smoke run checks that a method runs end to end at the "
              "protocol's real shape; it produces no accuracy. Wall time of the newest complete run and "
-             "the date it last passed, for the full protocol and for its reduced form (`--smoke-tasks K`, "
+             "the date it last passed, for the full protocol and for its reduced form (`run_suite.py smoke --tasks K`, "
              "the first K tasks) each.", ""]
     fields = ("protocol", "backbone", "method", "device", "tasks")
     latest = _latest((s for s in smoke if s.get("complete") is True), lambda s: tuple(str(s.get(f)) for f in fields))
@@ -297,7 +297,7 @@ def render_cost(records: Iterable[Mapping[str, Any]], profiles: Iterable[Mapping
     lines = [MARKER, "# Cost", "",
              "What each method adds to the frozen ViT and what it costs per image and per run, published "
              "beside measured. Measured numbers come only from stored records: run records, profile records "
-             "(`--profile`, `leaderboard/profiles/`) and smoke records (`--smoke`, `leaderboard/smoke/`).",
+             "(`run_suite.py profile`, `leaderboard/profiles/`) and smoke records (`run_suite.py smoke`, `leaderboard/smoke/`).",
              "",
              f"Newest record used: {newest}." if newest else "No records are stored yet.", ""]
     lines += _published_section(papers)
