@@ -10,7 +10,8 @@
     python run_suite.py check --protocols cifar100-10t --backbones sup21k   # what is there, what is not
     python run_suite.py publish                             # local runs -> leaderboard/records/
     python run_suite.py publish cluster.sqlite              # merge a store made elsewhere
-    python run_suite.py report                              # re-render the pages, run nothing
+    python run_suite.py report                              # re-render the local pages, run nothing
+    python run_suite.py report --published                  # re-render the committed pages from the records
     python run_suite.py export runs.csv                     # published + local runs, one row each
     python run_suite.py cost --protocols cifar100-10t --backbones sup21k --random-init
     python run_suite.py profile --protocols cifar100-10t --backbones sup21k   # images/s here
@@ -21,14 +22,18 @@ Each command takes its own options (`run_suite.py COMMAND --help`) and refuses a
 without a command are a sweep's (`run_suite.py --methods all --seeds 5` is `run_suite.py sweep
 --methods all --seeds 5`); no argument at all is the default sweep.
 
-A sweep skips runs whose key is already in the local store; a run is stored only once complete,
-so an interrupted sweep resumes where it stopped. Runs whose key is published are compared with
-the published record (the reproduction line). The pages are rendered from the published records
-plus the local runs not published yet; publishing is explicit.
+A sweep skips runs whose key is already in the local store, complete and made by the code of now
+(a run records a hash of its code: one whose code changed since is stale and runs again; --rerun
+runs them all); a run is stored only once complete, so an interrupted sweep resumes where it
+stopped. Runs whose key is published are compared with the published record (the reproduction
+line). A sweep renders the local pages (results/leaderboard/): the published records plus the
+local runs not published yet, marked (local). The committed pages (leaderboard/) are rendered from
+the published records alone, by `publish` and `report --published`; publishing is explicit.
 
 The published records, profile and smoke records and the pages are found from the working
-directory (leaderboard/records/, leaderboard/profiles/, leaderboard/smoke/, leaderboard/): run
-from the repository's root, or give --records-dir, --profiles-dir, --smoke-dir, --leaderboard-dir.
+directory (leaderboard/records/, leaderboard/profiles/, leaderboard/smoke/, leaderboard/,
+results/leaderboard/): run from the repository's root, or give --records-dir, --profiles-dir,
+--smoke-dir, --leaderboard-dir, --local-leaderboard-dir.
 
 Exit codes: 0 done; 1 the sweep finished but some runs failed (stored as failed, listed, retried
 by the next sweep); 2 an input the user can fix (one `error:` line, nothing run or changed); 130
@@ -110,8 +115,15 @@ def options() -> dict[str, tuple[tuple[str, ...], dict]]:
         "smoke_dir": (("--smoke-dir",), dict(
             default=None, help="smoke records (default leaderboard/smoke/ in the working directory)")),
         "leaderboard_dir": (("--leaderboard-dir",), dict(
-            default=None, help="where the pages go (default leaderboard/ in the working directory)")),
-        "no_render": (("--no-render",), dict(action="store_true", help="do not rewrite the leaderboard's pages")),
+            default=None, help="the committed pages, written only from the published records, by `publish` and "
+                               "`report --published` (default leaderboard/ in the working directory)")),
+        "local_leaderboard_dir": (("--local-leaderboard-dir",), dict(
+            default=None, help="the local pages: the published records plus the local store's runs not "
+                               "published, marked (local) (default results/leaderboard/ in the working directory)")),
+        "published": (("--published",), dict(
+            action="store_true", help="render the committed pages (--leaderboard-dir) from the published records "
+                                      "alone, instead of the local pages; a no-op on a clean checkout")),
+        "no_render": (("--no-render",), dict(action="store_true", help="do not render the pages")),
         # how to run
         "device": (("--device",), dict(default="auto", help="auto (cuda if available, else cpu), cpu, cuda:0, ...")),
         "eval_batch_size": (("--eval-batch-size",), dict(type=int, default=256,
@@ -162,6 +174,9 @@ def options() -> dict[str, tuple[tuple[str, ...], dict]]:
                  "or a folder holding copies)")),
         "verify": (("--verify",), dict(action="store_true",
                                        help="hash every file against its checksum (slow for big files)")),
+        "rerun": (("--rerun",), dict(
+            action="store_true", help="run every planned run again, also those stored by the code of now (a "
+                                      "stored run whose code changed runs again anyway)")),
         "batch_sizes": (("--batch-sizes",), dict(
             default="16,64", metavar="B,B,...",
             help="test batch sizes of the re-evaluations under the methods' reference modes, besides each "
@@ -175,7 +190,9 @@ HOW = ("data_root", "weights_dir", "device", "eval_batch_size", "threads", "plug
        "quiet", "verbose", "workers", "loader_workers", "executor", "gpus_per_run", "address",
        "slurm_partition", "slurm_timeout_min", "slurm_folder")
 #: what rendering the pages reads and writes (every command that renders takes these)
-PAGES = ("store", "records_dir", "profiles_dir", "smoke_dir", "leaderboard_dir", "no_render")
+PAGES = ("store", "records_dir", "profiles_dir", "smoke_dir", "leaderboard_dir", "local_leaderboard_dir", "no_render")
+#: what rendering the committed pages alone reads and writes (the commands that add measurement records)
+COMMITTED_PAGES = ("records_dir", "profiles_dir", "smoke_dir", "leaderboard_dir", "no_render")
 
 
 @dataclass(frozen=True)
@@ -287,41 +304,86 @@ def local_records(args) -> list[dict]:
     return RunStore(args.store).records() if Path(args.store).is_file() else []
 
 
-def check_pages_dir(args) -> None:
+def local_pages_dir(args) -> Path:
+    """Where the local pages go: never the committed pages' folder."""
+    from leaderboard import layout
+    from leaderboard.output import OutputError, same_file
+
+    path = Path(args.local_leaderboard_dir) if args.local_leaderboard_dir else layout.LOCAL_PAGES_DIR
+    if same_file(path, pages_dir(args)):
+        raise OutputError(f"--local-leaderboard-dir {path} is the committed pages' folder (--leaderboard-dir); "
+                          "local pages never go there: give another folder")
+    return path
+
+
+def check_pages_dir(args, committed: bool = False, local: bool = True) -> None:
     """Refuse, before anything runs or is written, what would stop the pages from rendering: a
-    pages folder that cannot be written, or a mistake in leaderboard/papers.yaml (the papers page
-    reads it)."""
+    pages folder this command would write and cannot (the local pages' with `local`, the committed
+    pages' with `committed`), or a mistake in leaderboard/papers.yaml (the papers page reads it)."""
     from leaderboard.output import check_output_dir
     from leaderboard.papers import load_papers
-    if not getattr(args, "no_render", False):
+    if getattr(args, "no_render", False):
+        return
+    load_papers()
+    if local:
+        check_output_dir(local_pages_dir(args), "--local-leaderboard-dir")
+    if committed:
         check_output_dir(pages_dir(args), "--leaderboard-dir")
-        load_papers()
 
 
-def render_leaderboard(args, out: Path) -> None:
-    """Every page into `out`, from the published records and the local store's runs not published
-    yet (each command that renders says where: `pages_dir(args)`)."""
+def run_costs(records: list[dict]) -> dict[str, dict]:
+    """{key: run GFLOPs} of the records that predate their `run_gflops` field, counted now from
+    their spec and cost (`protocols.work`); the pages take it for the records without the field."""
+    from protocols.work import record_run_gflops
+
+    return {r["key"]: c for r in records if "run_gflops" not in r and (c := record_run_gflops(r)) is not None}
+
+
+def render_published(args) -> None:
+    """The committed pages (`--leaderboard-dir`, default leaderboard/) from the published records
+    alone: what `publish` and `report --published` write, and nothing else does."""
     from leaderboard.output import check_output_dir
     from leaderboard.records import load_measurements, load_published
     from leaderboard.render import render_all
 
+    out = pages_dir(args)
     check_output_dir(out, "--leaderboard-dir")
     published = load_published(records_dir(args))
+    res = render_all(published, (), out, profiles=load_measurements(profiles_dir(args)),
+                     smoke=load_measurements(smoke_dir(args)), run_costs=run_costs(published),
+                     reference=reference_records(records_dir(args), None, published, []))
+    print(f"committed pages: {len(published)} published runs -> {len(res)} files in {out}/ "
+          f"({len(res.changed)} changed, {len(res.removed)} removed)")
+
+
+def render_local(args) -> None:
+    """The local pages (`--local-leaderboard-dir`, default results/leaderboard/): the published
+    records and the local store's runs not published yet, each of those marked (local)."""
+    from leaderboard.output import check_output_dir
+    from leaderboard.records import load_measurements, load_published
+    from leaderboard.render import render_all
+
+    out = local_pages_dir(args)
+    check_output_dir(out, "--local-leaderboard-dir")
+    published = load_published(records_dir(args))
     keys = {p["key"] for p in published}
-    local = [r for r in local_records(args) if r["key"] not in keys]
+    local = [r for r in local_records(args) if r["key"] not in keys and r.get("status", "ok") == "ok"]
     res = render_all(published, local, out, profiles=load_measurements(profiles_dir(args)),
-                     smoke=load_measurements(smoke_dir(args)),
+                     smoke=load_measurements(smoke_dir(args)), run_costs=run_costs(published + local),
                      reference=reference_records(records_dir(args), args.store, published, local))
-    print(f"leaderboard: {len(published)} published + {len(local)} local runs -> {len(res)} files in "
-          f"{out}/ ({len(res.changed)} changed, {len(res.removed)} removed)")
+    print(f"local pages: {len(published)} published + {len(local)} local runs{' (marked local)' if local else ''} "
+          f"-> {len(res)} files in {out}/ ({len(res.changed)} changed, {len(res.removed)} removed); the committed "
+          f"pages in {pages_dir(args)}/ change only by `publish`")
 
 
-def reference_records(records: Path, store: str, published: list[dict], local: list[dict]) -> list[dict]:
-    """The published reference records (each checked against its published run) and those of the
-    local store not published yet (checked against its runs or the published ones)."""
+def reference_records(records: Path, store: str | None, published: list[dict], local: list[dict]) -> list[dict]:
+    """The published reference records (each checked against its published run) and, given the
+    local `store`, those beside it not published yet (checked against its runs or the published ones)."""
     from leaderboard.reference_records import load_reference, local_reference_file, reference_dir
 
     out = load_reference([reference_dir(records)], published)
+    if store is None:
+        return out
     done = {r["key"] for r in out}
     mine = load_reference([local_reference_file(store)], [*published, *local], "published or local")
     return out + [r for r in mine if r["key"] not in done]
@@ -349,23 +411,25 @@ def log_dir(args) -> str:
 
 # ------------------------------------------------------------------------------------ sweep
 
-@command("sweep", "run protocols x backbones x methods x seeds into the local store and render the pages "
-                  "(the default command)", WHAT + HOW + PAGES)
+@command("sweep", "run protocols x backbones x methods x seeds into the local store (a stored run is run again "
+                  "when its code changed) and render the local pages (the default command)",
+         WHAT + HOW + PAGES + ("rerun",))
 def cmd_sweep(args) -> int:
     from leaderboard.records import load_published, reproduction
     from leaderboard.store import RunStore
-    from protocols.sweep import keyed, plan
+    from protocols.sweep import keyed, pending, plan
 
     specs = keyed(plan(sweep_request(args)))
     options = check_sweep(args)  # everything typed is checked before the store is opened (or created)
     require_inputs([s for s, _ in specs], options)
     published = load_published(records_dir(args))  # read now: a bad file must not wait for the runs
     store = RunStore(args.store)
-    stored = store.complete_runs()
-    todo = [s for s, k in specs if k not in stored]
+    stored = {r["key"]: r for r in store.records()}
+    pend = pending(specs, stored.get, rerun=args.rerun)
+    todo = pend.todo
     executor, executor_kw = executor_for(args, len(todo))
     options = replace(options, progress=executor == "local" and not args.quiet and sys.stderr.isatty())
-    print(planned(len(specs), len(todo), args.store, executor_kw.get("workers", 1)), flush=True)
+    print(planned(len(specs), len(todo), args.store, executor_kw.get("workers", 1), pend.lines()), flush=True)
     if todo:
         store.check_writable()
     try:
@@ -376,10 +440,13 @@ def cmd_sweep(args) -> int:
               "(stored runs are skipped)", file=sys.stderr)
         return 130
     print_failures(failed, log_dir(args))
+    if pend.rerun:
+        print(f"ran {pend.rerun} stored run(s) again:")
+        print("\n".join(pend.lines()))
     for line in reproduction([r for _, k in specs if (r := store.get(k)) is not None], published).lines():
         print(line)
     if not args.no_render:
-        render_leaderboard(args, pages_dir(args))
+        render_local(args)
     return 1 if failed else 0
 
 
@@ -432,9 +499,11 @@ def executor_for(args, n_todo: int) -> tuple[str, dict]:
                      "timeout_min": args.slurm_timeout_min, "gpus_per_run": args.gpus_per_run}
 
 
-def planned(n_specs: int, n_todo: int, store: str, workers: int) -> str:
-    return (f"{n_specs:,} runs planned, {n_specs - n_todo:,} already in {store}, {n_todo:,} to run"
-            + (f" in {workers} worker processes" if workers > 1 else ""))
+def planned(n_specs: int, n_todo: int, store: str, workers: int, why: list[str] = ()) -> str:
+    """The sweep's first line, and a line per reason a stored run runs again (`why`:
+    `protocols.sweep.Pending.lines`)."""
+    return "\n".join([f"{n_specs:,} runs planned, {n_specs - n_todo:,} already in {store}, {n_todo:,} to run"
+                      + (f" in {workers} worker processes" if workers > 1 else ""), *why])
 
 
 class Interrupted(Exception):
@@ -499,7 +568,7 @@ def print_failures(failed: list[dict], logs: str) -> None:
 @command("dry-run", "print the runs a sweep would do and their expected wall time on this device (from its "
                     "profile records, else measured now)",
          WHAT + ("store", "profiles_dir", "data_root", "weights_dir", "download", "allow_download", "device",
-                 "eval_batch_size", "threads", "workers", "profile_batch", "plugin", "quiet"))
+                 "eval_batch_size", "threads", "workers", "profile_batch", "plugin", "quiet", "rerun"))
 def cmd_dry_run(args) -> int:
     from leaderboard.records import load_measurements
     from leaderboard.store import RunStore
@@ -507,7 +576,7 @@ def cmd_dry_run(args) -> int:
     from protocols.estimate import estimate, format_estimates, human, total_seconds
     from protocols.executors import default_workers
     from protocols.runner import RunOptions
-    from protocols.sweep import check_options, configurations, pending
+    from protocols.sweep import check_options, configurations, fresh_runs, seeds_to_run
 
     from protocols import prepare
 
@@ -522,8 +591,8 @@ def cmd_dry_run(args) -> int:
     missing = prepare.check(prepare.requirements_for_runs(configs, options))
     if missing:  # said first: the estimate needs no data, but the sweep would refuse to start
         print(prepare.format_problems(missing) + "\n", flush=True)
-    stored = RunStore(args.store).complete_runs() if Path(args.store).is_file() else {}
-    todo = [(config, n) for config, n in pending(configs, request.seeds, stored) if n]
+    stored = fresh_runs(RunStore(args.store).records(), rerun=args.rerun) if Path(args.store).is_file() else {}
+    todo = [(config, n) for config, n in seeds_to_run(configs, request.seeds, stored) if n]
     n_todo = sum(n for _, n in todo)
     workers = args.workers or default_workers(n_todo, args.threads or 1)
     print(planned(len(configs) * request.seeds, n_todo, args.store, workers), flush=True)
@@ -574,7 +643,8 @@ def backbones_option(args) -> str | list[str]:
 # ------------------------------------------------------------------------------------ results
 
 @command("publish", "add the complete runs of the local store (or of STORE, e.g. one made on a cluster) and their "
-                    "reference records to the published records, then re-render the pages", ("source",) + PAGES)
+                    "reference records to the published records, then render the committed pages (and the local "
+                    "ones)", ("source",) + PAGES)
 def cmd_publish(args) -> None:
     from leaderboard.output import check_output_dir
     from leaderboard.records import load_published, publish
@@ -589,7 +659,7 @@ def cmd_publish(args) -> None:
     if not Path(path).is_file():
         raise StoreError(f"{flag} {path}: no run store there, nothing to publish")
     check_output_dir(records_dir(args), "--records-dir")  # every output is checked before anything is written
-    check_pages_dir(args)
+    check_pages_dir(args, committed=True)
     runs = RunStore(path, flag=flag).records()
     # the store's reference records (`reference`) go with its runs: checked first, all or nothing
     ref_file, ref_dir = local_reference_file(path), reference_dir(records_dir(args))
@@ -607,14 +677,19 @@ def cmd_publish(args) -> None:
         for f in ref.files:
             print(f"  {f}")
     if not args.no_render:
-        render_leaderboard(args, pages_dir(args))
+        render_published(args)
+        render_local(args)
 
 
-@command("report", "re-render the pages from the published records (and the local store's runs, if it exists); "
-                   "runs nothing", ("store", "records_dir", "profiles_dir", "smoke_dir", "leaderboard_dir"))
+@command("report", "render the local pages from the published records and the local store's runs not published "
+                   "(if it exists), or with --published the committed pages from the published records alone; "
+                   "runs nothing",
+         ("store", "records_dir", "profiles_dir", "smoke_dir", "leaderboard_dir", "local_leaderboard_dir", "published"))
 def cmd_report(args) -> None:
-    check_pages_dir(args)
-    render_leaderboard(args, pages_dir(args))
+    if args.published:
+        render_published(args)
+    else:
+        render_local(args)
 
 
 @command("export", "write one CSV row per run: the published records and the local store's runs",
@@ -655,7 +730,7 @@ def cmd_cost(args) -> None:
                     "and the loader's images/s per method at the protocols' real shape (random weights, no "
                     "data); kept in leaderboard/profiles/ and shown on the cost page",
          ("protocols", "backbones", "methods", "set", "precision", "device", "profile_batch", "eval_batch_size",
-          "threads", "quiet", "plugin") + PAGES)
+          "threads", "quiet", "plugin") + COMMITTED_PAGES)
 def cmd_profile(args) -> None:
     from leaderboard.records import add_measurements
     from protocols.devices import check_device, device_slug
@@ -663,7 +738,7 @@ def cmd_profile(args) -> None:
     from protocols.sweep import parse_overrides, resolve_backbones
 
     check_device(args.device)
-    check_pages_dir(args)
+    check_pages_dir(args, committed=True, local=False)
     records = []
     for pname in split(args.protocols):
         records += profile([pname], resolve_backbones(pname, args.backbones), method_list(args),
@@ -674,16 +749,15 @@ def cmd_profile(args) -> None:
         path = add_measurements(records, profiles_dir(args) / f"{device_slug(records[0]['device'])}.jsonl")
         print(format_profile(records))
         print(f"{len(records)} profile records added to {path}")
-    if not args.no_render:
-        render_leaderboard(args, pages_dir(args))
+    if not args.no_render:  # profile records are published as they are measured: the committed cost page shows them
+        render_published(args)
 
 
 @command("smoke", "the real-shape dry run: every method through every task of the real protocols on ViT-B/16 "
                   "with random weights and synthetic files in the real formats, epochs lowered to 1 (hours on "
                   "a CPU); its records in leaderboard/smoke/, its runs in their own store",
-         ("protocols", "methods", "tasks", "device", "threads", "eval_batch_size", "verbose", "plugin",
-          "batch_sizes") + PAGES,
-         protocols="real", store="results/smoke.sqlite", batch_sizes=None)
+         ("protocols", "methods", "tasks", "device", "threads", "eval_batch_size", "verbose", "plugin", "store",
+          "batch_sizes") + COMMITTED_PAGES, protocols="real", store="results/smoke.sqlite", batch_sizes=None)
 def cmd_smoke(args) -> int:
     """Run the dry run, keep one smoke record per run and re-render; exit 1 if a run did not complete."""
     from leaderboard.records import add_measurements
@@ -694,7 +768,7 @@ def cmd_smoke(args) -> int:
     from protocols.smoke import run_smoke
 
     check_device(args.device)
-    check_pages_dir(args)
+    check_pages_dir(args, committed=True, local=False)
     protocols = list(REAL_PROTOCOLS) if args.protocols == "real" else split(args.protocols)
     sizes = batch_sizes(args.batch_sizes) if args.batch_sizes else ()
     store = RunStore(args.store)
@@ -712,8 +786,8 @@ def cmd_smoke(args) -> int:
     complete = sum(s.smoke["complete"] for s in done)
     print(f"smoke: {complete}/{len(done)} runs complete in {sum(s.smoke['wall_s'] for s in done):.0f} s; "
           f"records in {args.store}, smoke records in {smoke_dir(args)}/")
-    if not args.no_render:
-        render_leaderboard(args, pages_dir(args))
+    if not args.no_render:  # smoke records are published as they are made: the committed cost page shows them
+        render_published(args)
     return 0 if complete == len(done) else 1
 
 
@@ -781,7 +855,7 @@ def cmd_reference(args) -> int:
     print(f"{len(keeper.added)} reference record(s) added to {mine}; `python run_suite.py publish` publishes them "
           "with their runs")
     if not args.no_render:
-        render_leaderboard(args, pages_dir(args))
+        render_local(args)
     return 1 if failed or keeper.refused else 0
 
 

@@ -1,4 +1,5 @@
-"""The cost page, ``leaderboard/cost.md``: what each method adds and costs, published beside measured.
+"""The cost page, ``leaderboard/cost.md``: what each method adds and costs, published beside measured,
+per image and per run.
 
 Why generated: the cost table used to be typed into the README; here every measured number comes
 from a stored record (run records for the counts of the runs behind the leaderboard, profile
@@ -15,9 +16,10 @@ from typing import Any
 
 from protocols.record import COST_FIELDS
 
-from .markdown import MARKER, pipe_table
+from .markdown import MARKER, PM, pipe_table
 from .papers import SUITE_METHODS, load_papers
 from .records import newest_created, usable
+from .stats import LOCAL_MARK
 
 __all__ = ["render_cost"]
 
@@ -138,6 +140,72 @@ def _runs_section(runs: list[Mapping], published: Mapping[str, Mapping]) -> list
     return lines
 
 
+def _flops(v: float | None) -> str:
+    """GFLOPs with a unit that keeps them readable: 643 GFLOPs, 16.9 PFLOPs."""
+    if v is None:
+        return "—"
+    for unit, size in (("PFLOPs", 1e6), ("TFLOPs", 1e3)):
+        if v >= 10 * size:
+            return f"{v / size:,.3g} {unit}" if v / size < 1000 else f"{v / size:,.0f} {unit}"
+    return f"{v:,.3g} GFLOPs" if v < 1000 else f"{v:,.0f} GFLOPs"
+
+
+def _median(values: list[float]) -> float | None:
+    vs = sorted(values)
+    if not vs:
+        return None
+    mid = len(vs) // 2
+    return vs[mid] if len(vs) % 2 else (vs[mid - 1] + vs[mid]) / 2
+
+
+def _mean_sd(values: list[float]) -> str:
+    if not values:
+        return "—"
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return f"{mean:.1f}"
+    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{mean:.1f} {PM} {sd:.1f}"
+
+
+def _per_run_section(runs: list[Mapping]) -> list[str]:
+    """What one run costs: its forward GFLOPs by part (counted) and its wall time (measured, on the
+    device and threads it names)."""
+    lines = ["## Per run: GFLOPs counted, wall time measured (run records)", "",
+             "Forward GFLOPs of one whole run (`run_gflops`), median over the method's usable runs: the "
+             "training epochs (training images x epochs x training GFLOPs per image), the per-task stages "
+             "(a method's extra epochs, and its no-grad passes over each task's training images for "
+             "statistics or task identity, at one test pass's GFLOPs each) and the evaluation after every task "
+             "(the test images of the tasks seen so far x test GFLOPs per image); counted by "
+             "`protocols/work.py`, the count `dry-run` turns into hours. Backward passes are not counted; "
+             "for runs recorded before the field, it is counted now from their resolved spec and cost. The "
+             "wall time of training (mean " + PM + " sample std over the runs) is a measurement of the "
+             "machine and its load as much as of the method: it is given with the device and the torch "
+             "threads the runs used, and the GFLOPs, not the seconds, compare methods.", ""]
+    groups: dict[tuple, dict[str, list]] = {}
+    for r in runs:
+        pair = (str(r.get("protocol")), str(r.get("backbone")))
+        label = str(r.get("method")) + (LOCAL_MARK if r.get("_local") else "")
+        groups.setdefault(pair, {}).setdefault(label, []).append(r)
+    if not groups:
+        return lines + ["No run record is stored yet.", ""]
+    for (proto, bb), by_method in sorted(groups.items()):
+        rows = []
+        for label in sorted(by_method, key=lambda m: (_method_key(m.removesuffix(LOCAL_MARK)), m)):
+            rs = by_method[label]
+            parts = {k: _median([float(r["run_gflops"][k]) for r in rs if r.get("run_gflops")])
+                     for k in ("train", "stages", "eval", "total")}
+            times = [float(r["timings"]["train_s"]) for r in rs if (r.get("timings") or {}).get("train_s") is not None]
+            where = sorted({f"{r.get('device') or '?'}, {r.get('threads') or '?'} thread(s)" for r in rs})
+            rows.append([label, _flops(parts["train"]), _flops(parts["stages"]), _flops(parts["eval"]),
+                         _flops(parts["total"]), _mean_sd(times), "; ".join(where), str(len(rs))])
+        lines += [f"### {proto} · {bb}, per run", ""]
+        lines += pipe_table(["method", "training epochs", "per-task stages", "evaluation", "run total (forward)",
+                             "train wall time (s)", "device, threads", "runs"], rows)
+        lines.append("")
+    return lines
+
+
 def _profile_section(profiles: list[Mapping], published: Mapping[str, Mapping]) -> list[str]:
     lines = ["## Measured at real shape (profile records)", "",
              "Throughput of training and evaluation steps, the achieved fraction of the device's matmul "
@@ -197,7 +265,7 @@ def _smoke_section(smoke: list[Mapping]) -> list[str]:
     lines = ["## Real-shape dry runs (smoke records)", "",
              "Kept apart from the results: a smoke run checks that a method runs end to end at the "
              "protocol's real shape; it produces no accuracy. Wall time of the newest complete run and "
-             "the date it last passed, for the full protocol and for its reduced form (`--smoke-tasks K`, "
+             "the date it last passed, for the full protocol and for its reduced form (`run_suite.py smoke --tasks K`, "
              "the first K tasks) each.", ""]
     fields = ("protocol", "backbone", "method", "device", "tasks")
     latest = _latest((s for s in smoke if s.get("complete") is True), lambda s: tuple(str(s.get(f)) for f in fields))
@@ -227,13 +295,14 @@ def render_cost(records: Iterable[Mapping[str, Any]], profiles: Iterable[Mapping
     passed = [s for s in smoke if s.get("complete") is True]
     newest = newest_created([*runs, *prof, *loaders, *passed])
     lines = [MARKER, "# Cost", "",
-             "What each method adds to the frozen ViT and what it costs per image, published beside "
-             "measured. Measured numbers come only from stored records: run records, profile records "
-             "(`--profile`, `leaderboard/profiles/`) and smoke records (`--smoke`, `leaderboard/smoke/`).",
+             "What each method adds to the frozen ViT and what it costs per image and per run, published "
+             "beside measured. Measured numbers come only from stored records: run records, profile records "
+             "(`run_suite.py profile`, `leaderboard/profiles/`) and smoke records (`run_suite.py smoke`, `leaderboard/smoke/`).",
              "",
              f"Newest record used: {newest}." if newest else "No records are stored yet.", ""]
     lines += _published_section(papers)
     lines += _runs_section(runs, published)
+    lines += _per_run_section(runs)
     lines += _profile_section(prof, published)
     lines += _loader_section(loaders)
     lines += _smoke_section(passed)

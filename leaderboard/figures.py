@@ -1,4 +1,5 @@
-"""Leaderboard figures: FAA dot plots, accuracy curves, accuracy-cost trade-off, CD diagram.
+"""Leaderboard figures: FAA dot plots, accuracy curves, accuracy matrices, accuracy-cost trade-off,
+CD diagram.
 
 Why the object API with an explicit Agg canvas instead of pyplot: rendering must work headless
 (CI, Slurm nodes) and must not change the global matplotlib backend of whoever imports us.
@@ -8,6 +9,11 @@ leave the files byte for byte alone. Each figure function hashes its inputs (the
 and ``FIGURE_VERSION``), stores the hash in the PNG's ``Source`` text chunk, and neither draws nor
 writes when the file on disk already carries that hash. Bump ``FIGURE_VERSION`` whenever a
 drawing changes, so that the next render redraws every figure once.
+
+Why fixed colours: a reader follows a method from figure to figure and page to page, so a method
+keeps one colour everywhere, whatever else a table holds (`row_colours`): the suite's methods
+have theirs (`METHOD_COLOURS`), the rungs of an ablation ladder take theirs by rung, and any other
+row (a plugin, a variant) one picked by a hash of its label, so adding a row never recolours another.
 """
 from __future__ import annotations
 
@@ -29,15 +35,17 @@ from matplotlib.ticker import FixedLocator, NullFormatter
 from protocols.record import HIGHER_IS_BETTER
 
 from .output import atomic_file
+from .stats import LOCAL_MARK
 
 if TYPE_CHECKING:
     from .stats import FriedmanResult
 
 __all__ = ["Drawn", "FIGURE_VERSION", "stored_digest", "SeenCurve", "seen_class_accuracy", "seen_class_curve", "faa_dots",
-           "accuracy_curves", "tradeoff", "critical_difference", "batch_size_curves"]
+           "accuracy_curves", "accuracy_matrices", "tradeoff", "tradeoff_figure", "critical_difference",
+           "METHOD_COLOURS", "row_colours", "colour_of", "batch_size_curves"]
 
 #: Part of every figure's input hash: bump it whenever any drawing changes.
-FIGURE_VERSION = "1"
+FIGURE_VERSION = "2"
 _DPI = 120
 _SOFTWARE = f"promptcl leaderboard figures {FIGURE_VERSION}"
 
@@ -97,13 +105,47 @@ def _draw_once(kind: str, payload: Any, path: str | Path, draw: Callable[[], Fig
     return Drawn(path, True)
 
 
-def _colors(labels: Iterable[str]) -> dict[str, Any]:
-    """One colour per label, by sorted label, so the same methods get the same colours in every figure."""
-    from matplotlib import colormaps
+#: The suite's methods and bounds, each with the colour it keeps on every figure of every page
+#: (matplotlib's tab20: a method and its lighter twin for the comparators of one family).
+METHOD_COLOURS: dict[str, str] = {
+    "head_only": "#7f7f7f", "joint": "#393939",
+    "l2p": "#1f77b4", "l2p_pp": "#aec7e8", "deep_l2p_pp": "#17becf",
+    "dualprompt": "#ff7f0e", "coda_prompt": "#2ca02c", "ovor": "#98df8a",
+    "hide_prompt": "#9467bd", "norga": "#c5b0d5", "vq_prompt": "#8c564b", "smope": "#d62728",
+}
+#: An ablation ladder's rungs, by rung (position 0 first): a sequence that stays apart from itself.
+LADDER_COLOURS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c",
+                  "#ccb974", "#64b5cd")
+#: Any other row (a plugin, a variant): the colour at a hash of its label (matplotlib's tab20b).
+OTHER_COLOURS = ("#393b79", "#5254a3", "#6b6ecf", "#9c9ede", "#637939", "#8ca252", "#b5cf6b", "#cedb9c",
+                 "#8c6d31", "#bd9e39", "#e7ba52", "#e7cb94", "#843c39", "#ad494a", "#d6616b", "#e7969c",
+                 "#7b4173", "#a55194", "#ce6dbd", "#de9ed6")
 
-    labels = sorted(set(labels))
-    cmap = colormaps["tab10" if len(labels) <= 10 else "tab20"]
-    return {lab: cmap(i % cmap.N) for i, lab in enumerate(labels)}
+
+def colour_of(label: str, position: int | None = None) -> str:
+    """The colour of a row: its method's (`METHOD_COLOURS`, the local mark set aside), its rung's
+    on an ablation ladder (`position`), else the one at a hash of its label."""
+    base = label.removesuffix(LOCAL_MARK)
+    if base in METHOD_COLOURS:
+        return METHOD_COLOURS[base]
+    if position is not None:
+        return LADDER_COLOURS[int(position) % len(LADDER_COLOURS)]
+    return OTHER_COLOURS[int(hashlib.sha256(base.encode("utf-8")).hexdigest(), 16) % len(OTHER_COLOURS)]
+
+
+def row_colours(rows: pd.DataFrame | Iterable[Mapping[str, Any]]) -> dict[str, str]:
+    """{label: colour} of the rows of one table (`stats.aggregate`'s rows: label, and position on an
+    ablation ladder, whose rungs are coloured by rung)."""
+    df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
+    ladder = "position" in df and df["position"].nunique() > 1
+    return {str(r["label"]): colour_of(str(r["label"]), int(r["position"]) if ladder else None)
+            for _, r in df.iterrows()}
+
+
+def _colours(labels: Iterable[str], colours: Mapping[str, str] | None) -> dict[str, str]:
+    """`colours` for `labels`, `colour_of` for any label it lacks."""
+    given = dict(colours or {})
+    return {lab: given.get(lab) or colour_of(lab) for lab in labels}
 
 
 def _frame(rows: pd.DataFrame | Iterable[Mapping[str, Any]], required: Sequence[str], what: str) -> pd.DataFrame:
@@ -124,7 +166,7 @@ def _fmt_n(n: Any) -> str:
 
 
 def faa_dots(rows: pd.DataFrame | Iterable[Mapping[str, Any]], path: str | Path, title: str = "",
-             metric: str = "faa") -> Drawn:
+             metric: str = "faa", colours: Mapping[str, str] | None = None) -> Drawn:
     """Dot plot of the seed-mean ``metric`` with +- sample std error bars, best at the top.
 
     ``rows`` is the slice of ``stats.aggregate`` for one protocol x backbone x table (columns
@@ -141,12 +183,12 @@ def faa_dots(rows: pd.DataFrame | Iterable[Mapping[str, Any]], path: str | Path,
     items = [{"label": r["label"], "mean": float(r[f"{metric}_mean"]), "std": float(r[f"{metric}_std"]),
               "n": (int(r["n"]) if "n" in df.columns and pd.notna(r["n"]) else None)}
              for _, r in df.iterrows()]
-    payload = {"title": title, "metric": metric, "rows": items}
-    return _draw_once("faa_dots", payload, path, lambda: _draw_dots(items, title, metric))
+    colors = _colours((it["label"] for it in items), colours)
+    payload = {"title": title, "metric": metric, "rows": items, "colours": colors}
+    return _draw_once("faa_dots", payload, path, lambda: _draw_dots(items, title, metric, colors))
 
 
-def _draw_dots(items: list[dict], title: str, metric: str) -> Figure:
-    colors = _colors(i["label"] for i in items)
+def _draw_dots(items: list[dict], title: str, metric: str, colors: Mapping[str, str]) -> Figure:
     fig = Figure(figsize=(6.4, 0.9 + 0.32 * max(len(items), 1)))
     ax = fig.add_subplot()
     ys = np.arange(len(items))[::-1]  # first item (best) at the top
@@ -229,7 +271,7 @@ def seen_class_curve(matrices: Sequence[Sequence[Sequence[float | None]]]) -> Se
 
 
 def accuracy_curves(curves: Mapping[str, Sequence[Sequence[Sequence[float | None]]]], path: str | Path,
-                    title: str = "") -> Drawn:
+                    title: str = "", colours: Mapping[str, str] | None = None) -> Drawn:
     """Accuracy on the seen classes after each task, one line (mean over seeds) and band per method.
 
     ``curves`` maps a row label to its runs' acc matrices (one per seed). The band is +- sample std
@@ -246,12 +288,12 @@ def accuracy_curves(curves: Mapping[str, Sequence[Sequence[Sequence[float | None
             raise ValueError(f"accuracy_curves, {label!r}: {e}") from None
         # seed order must not change the hash: sort the matrices by their text
         payload_rows[str(label)] = sorted(json.dumps(m, default=_plain) for m in mats)
-    payload = {"title": title, "curves": payload_rows}
-    return _draw_once("accuracy_curves", payload, path, lambda: _draw_curves(stats, title))
+    colors = _colours(stats, colours)
+    payload = {"title": title, "curves": payload_rows, "colours": colors}
+    return _draw_once("accuracy_curves", payload, path, lambda: _draw_curves(stats, title, colors))
 
 
-def _draw_curves(stats: dict[str, SeenCurve], title: str) -> Figure:
-    colors = _colors(stats)
+def _draw_curves(stats: dict[str, SeenCurve], title: str, colors: Mapping[str, str]) -> Figure:
     order = sorted(stats, key=lambda k: (-stats[k].mean[-1], k))  # legend in the order the lines end
     t_max = max(len(s.mean) for s in stats.values())
     fig = Figure(figsize=(7.2, 4.2))
@@ -328,29 +370,6 @@ def _place_labels(points: Sequence[tuple[float, float]], sizes: Sequence[tuple[f
     return out
 
 
-def _dodge(xs: Sequence[float], extents: Sequence[tuple[float, float]], step: float = 9.0) -> list[float]:
-    """Sideways shifts (points) that set apart points closer than ``step`` in x whose vertical
-    extents overlap; each such group is spread around its place, the higher value on the left."""
-    n = len(xs)
-    group = list(range(n))
-
-    def root(i: int) -> int:
-        while group[i] != i:
-            i = group[i]
-        return i
-
-    for i in range(n):
-        for j in range(i + 1, n):
-            if abs(xs[i] - xs[j]) < step and extents[i][0] < extents[j][1] and extents[j][0] < extents[i][1]:
-                group[root(j)] = root(i)
-    out = [0.0] * n
-    for g in sorted({root(i) for i in range(n)}):
-        members = sorted((i for i in range(n) if root(i) == g), key=lambda i: (-extents[i][1] - extents[i][0], i))
-        for k, i in enumerate(members):
-            out[i] = (k - (len(members) - 1) / 2) * step if len(members) > 1 else 0.0
-    return out
-
-
 def _log_positions(values: np.ndarray) -> tuple[np.ndarray, float | None]:
     """Where each value goes on a log axis: itself if > 0, else (for 0) a marked spot one decade
     below the smallest positive value (returned too), NaN stays NaN."""
@@ -397,46 +416,70 @@ def _log_axis(ax: Any, xs: np.ndarray, zero_at: float | None) -> None:
     ax.xaxis.set_minor_formatter(NullFormatter())
 
 
-def tradeoff(rows: pd.DataFrame | Iterable[Mapping[str, Any]], path: str | Path, title: str = "") -> Drawn:
-    """FAA (mean +- std over seeds) against test GFLOPs per image and against trainable added
-    parameters, log-scale x, one labelled point per method.
+#: The trade-off's panels: the cost column, its axis label, and how a note names it.
+_PANELS = (("gflops_test", "GFLOPs per test image, all forward passes (log scale)", "test GFLOPs"),
+           ("trainable_params", "trainable parameters added to the frozen ViT, head excluded (log scale)",
+            "parameters"),
+           ("run_gflops", "forward GFLOPs of a whole run: training, per-task stages, evaluation (log scale)",
+            "run GFLOPs"))
 
-    ``rows``: label, faa_mean, faa_std, gflops_test, trainable_params (optionally n). A method
-    with 0 added parameters (head_only, joint) sits at a spot marked "0" left of a break in the
-    log axis; a method without a recorded cost is named in a note under the panel.
-    """
+
+def _tradeoff_items(rows: pd.DataFrame | Iterable[Mapping[str, Any]]) -> list[dict]:
     df = _frame(rows, ["label", "faa_mean", "faa_std", "gflops_test", "trainable_params"], "tradeoff")
     df = df.assign(label=df["label"].astype(str)).sort_values("label")
     if df.empty:
         raise ValueError("tradeoff needs at least one method row")
+    has_run = "run_gflops" in df.columns and df["run_gflops"].notna().any()
+    cols = [c for c, _, _ in _PANELS if c != "run_gflops" or has_run]
     items = [{"label": r["label"], "faa_mean": float(r["faa_mean"]), "faa_std": float(r["faa_std"]),
-              "gflops_test": float(r["gflops_test"]) if pd.notna(r["gflops_test"]) else math.nan,
-              "trainable_params": float(r["trainable_params"]) if pd.notna(r["trainable_params"]) else math.nan,
+              **{c: float(r[c]) if pd.notna(r[c]) else math.nan for c in cols},
               "n": (int(r["n"]) if "n" in df.columns and pd.notna(r["n"]) else None)}
              for _, r in df.iterrows()]
-    for col in ("gflops_test", "trainable_params"):
+    for col in cols:
         _log_positions(np.array([it[col] for it in items]))  # refuse negative costs before drawing
-    payload = {"title": title, "rows": items}
-    return _draw_once("tradeoff", payload, path, lambda: _draw_tradeoff(items, title))
+    return items
 
 
-def _draw_tradeoff(items: list[dict], title: str) -> Figure:
-    colors = _colors(it["label"] for it in items)
-    fig = Figure(figsize=(10.5, 4.4))
+def tradeoff(rows: pd.DataFrame | Iterable[Mapping[str, Any]], path: str | Path, title: str = "",
+             colours: Mapping[str, str] | None = None) -> Drawn:
+    """FAA (mean +- std over seeds) against test GFLOPs per image, against trainable added
+    parameters and, where rows have it, against a whole run's forward GFLOPs; log-scale x, one
+    labelled point per method.
+
+    ``rows``: label, faa_mean, faa_std, gflops_test, trainable_params, optionally run_gflops and n.
+    Each point sits at its measured cost, exactly: methods of (nearly) equal cost overlap, and
+    their labels, not their points, move apart (with a leader line). A method with 0 added
+    parameters (head_only, joint) sits at a spot marked "0" left of a break in the log axis; a
+    method without a recorded cost is named in a note under the panel.
+    """
+    items = _tradeoff_items(rows)
+    colors = _colours((it["label"] for it in items), colours)
+    payload = {"title": title, "rows": items, "colours": colors}
+    return _draw_once("tradeoff", payload, path, lambda: _draw_tradeoff(items, title, colors))
+
+
+def tradeoff_figure(rows: pd.DataFrame | Iterable[Mapping[str, Any]], title: str = "",
+                    colours: Mapping[str, str] | None = None) -> Figure:
+    """The figure `tradeoff` draws, not written (to read its artists back)."""
+    items = _tradeoff_items(rows)
+    return _draw_tradeoff(items, title, _colours((it["label"] for it in items), colours))
+
+
+def _draw_tradeoff(items: list[dict], title: str, colors: Mapping[str, str] | None = None) -> Figure:
+    colors = _colours((it["label"] for it in items), colors)
+    panels = [p for p in _PANELS if p[0] in items[0]]
+    fig = Figure(figsize=(5.25 * len(panels), 4.4))
     renderer = FigureCanvasAgg(fig).get_renderer()  # to measure the labels before placing them
     label_font = FontProperties(size=8)
-    axes = fig.subplots(1, 2, sharey=True)
-    fig.subplots_adjust(wspace=0.08, left=0.07, right=0.98, top=0.86, bottom=0.2)
+    axes = fig.subplots(1, len(panels), sharey=True)
+    fig.subplots_adjust(wspace=0.08, left=0.07 * 2 / len(panels), right=0.98, top=0.86, bottom=0.2)
     means = np.array([it["faa_mean"] for it in items])
     stds = np.array([0.0 if (it["n"] == 1 or math.isnan(it["faa_std"])) else it["faa_std"] for it in items])
     lo, hi = float(np.nanmin(means - stds)), float(np.nanmax(means + stds))
     pad = max(1.0, 0.08 * (hi - lo))
     ylim = (lo - pad, hi + pad)
-    panels = [("gflops_test", "GFLOPs per test image, all forward passes (log scale)"),
-              ("trainable_params", "trainable parameters added to the frozen ViT, head excluded (log scale)")]
-    dodged = False
     notes = []
-    for ax, (col, xlabel) in zip(axes, panels):
+    for ax, (col, xlabel, short) in zip(axes, panels):
         raw = np.array([it[col] for it in items])
         xs, zero_at = _log_positions(raw)
         shown = np.isfinite(xs)
@@ -455,40 +498,92 @@ def _draw_tradeoff(items: list[dict], title: str) -> Figure:
 
         pts = [pt(xs[i], means[i]) for i in idx]
         spans = [(pt(xs[i], means[i] - stds[i])[1], pt(xs[i], means[i] + stds[i])[1]) for i in idx]
-        shifts = _dodge([p[0] for p in pts], [(min(y0, p[1] - 4), max(y1, p[1] + 4)) for p, (y0, y1) in zip(pts, spans)])
-        px = []
-        for i, p, dx in zip(idx, pts, shifts):
-            x = ax.transData.inverted().transform(((p[0] + dx) / to_pt + origin[0], 0.0))[0] if dx else xs[i]
-            px.append(x)
-            ax.errorbar(x, means[i], yerr=stds[i] if stds[i] > 0 else None, fmt="o",
-                        color=colors[items[i]["label"]], elinewidth=1.2, capsize=3, markersize=6, zorder=3)
-        pts = [(p[0] + dx, p[1]) for p, dx in zip(pts, shifts)]
+        for i in idx:  # at the measured cost: never moved (translucent, so overlapping points show)
+            ax.errorbar(xs[i], means[i], yerr=stds[i] if stds[i] > 0 else None, fmt="o",
+                        color=colors[items[i]["label"]], elinewidth=1.2, capsize=3, markersize=6, alpha=0.8,
+                        markeredgecolor="white", markeredgewidth=0.6, zorder=3)
         obstacles = [(x - 4, min(y - 4, y0), x + 4, max(y + 4, y1)) for (x, y), (y0, y1) in zip(pts, spans)]
         sizes = []
         for i in idx:
             w, h, _ = renderer.get_text_width_height_descent(items[i]["label"], label_font, ismath=False)
             sizes.append((w * to_pt + 2, h * to_pt + 2))
-        spots = _place_labels(pts, sizes, obstacles, (ax.bbox.width * to_pt, ax.bbox.height * to_pt))
-        for i, x, (dx, dy, ha) in zip(idx, px, spots):
+        spots = _place_labels([tuple(p) for p in pts], sizes, obstacles,
+                              (ax.bbox.width * to_pt, ax.bbox.height * to_pt))
+        for i, (dx, dy, ha) in zip(idx, spots):
             c = colors[items[i]["label"]]
             leader = None if dy == 0 else {"arrowstyle": "-", "color": c, "lw": 0.6, "shrinkA": 0, "shrinkB": 4}
-            ax.annotate(items[i]["label"], (x, means[i]), xytext=(dx, dy), textcoords="offset points",
+            ax.annotate(items[i]["label"], (xs[i], means[i]), xytext=(dx, dy), textcoords="offset points",
                         fontproperties=label_font, color=c, va="center", ha=ha, annotation_clip=False,
                         arrowprops=leader)
-        dodged = dodged or any(shifts)
         missing = [items[i]["label"] for i in np.flatnonzero(~shown)]
         if missing:
-            short = {"gflops_test": "test GFLOPs", "trainable_params": "parameters"}[col]
             notes.append(f"not shown against {short}, no cost recorded: " + ", ".join(missing))
     axes[0].set_ylabel("FAA (%): mean ± sample std over seeds")
     zero_labels = [it["label"] for it in items if it["trainable_params"] == 0]
     if zero_labels:
         notes.append("parameters 0: none added (" + ", ".join(zero_labels) + ")")
-    if dodged:
-        notes.append("points of (nearly) equal cost whose error bars would overlap are set side by side")
-    if notes:
-        fig.text(0.07, 0.07, "\n".join(notes), ha="left", va="top", fontsize=7, color="0.3")
+    notes.append("each point sits at its measured cost; where points crowd, labels move (with a leader line)")
+    fig.text(0.07 * 2 / len(panels), 0.07, "\n".join(notes), ha="left", va="top", fontsize=7, color="0.3")
     fig.suptitle(title, fontsize=10)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# accuracy matrices
+
+
+def accuracy_matrices(matrices: Mapping[str, Sequence[Sequence[float]]], path: str | Path, title: str = "",
+                      colours: Mapping[str, str] | None = None) -> Drawn:
+    """One heatmap per row: its mean accuracy matrix over seeds, acc[j][i] (task j, the row; after
+    training task i, the column), blank where j > i, one colour scale (0-100%) for every panel,
+    the numbers written in the cells up to 10 tasks. The panel's title is in the row's colour."""
+    if not matrices:
+        raise ValueError("accuracy_matrices needs at least one row")
+    mats = {str(k): np.asarray(v, dtype=float) for k, v in matrices.items()}
+    for k, m in mats.items():
+        if m.ndim != 2 or m.shape[0] != m.shape[1]:
+            raise ValueError(f"accuracy_matrices, {k!r}: a T x T matrix is needed, got shape {m.shape}")
+    colors = _colours(mats, colours)
+    payload = {"title": title, "colours": colors,
+               "matrices": {k: [[None if math.isnan(v) else round(float(v), 6) for v in row] for row in m]
+                            for k, m in sorted(mats.items())}}
+    return _draw_once("accuracy_matrices", payload, path, lambda: _draw_matrices(mats, title, colors))
+
+
+def _draw_matrices(mats: Mapping[str, np.ndarray], title: str, colors: Mapping[str, str]) -> Figure:
+    labels = list(mats)
+    t = max(m.shape[0] for m in mats.values())
+    ncols = min(4, len(labels))
+    nrows = math.ceil(len(labels) / ncols)
+    side = 1.1 + 0.42 * t if t <= 10 else 4.2
+    fig = Figure(figsize=(side * ncols + 0.9, side * nrows + 0.5))
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    image = None
+    for ax, lab in zip(axes, labels):
+        m = mats[lab]
+        image = ax.imshow(np.ma.masked_invalid(m), cmap="viridis", vmin=0.0, vmax=100.0)
+        n = m.shape[0]
+        ticks = np.arange(n)
+        step = 1 if n <= 10 else 5
+        ax.set_xticks(ticks[::step], [str(i + 1) for i in ticks[::step]], fontsize=7)
+        ax.set_yticks(ticks[::step], [str(j + 1) for j in ticks[::step]], fontsize=7)
+        ax.set_xlabel("after training task i", fontsize=7)
+        ax.set_ylabel("test task j", fontsize=7)
+        ax.set_title(lab, fontsize=8, color=colors[lab], fontweight="bold")
+        if n <= 10:
+            for j in range(n):
+                for i in range(j, n):
+                    v = m[j, i]
+                    if not math.isnan(v):
+                        ax.text(i, j, f"{v:.0f}", ha="center", va="center", fontsize=6.5,
+                                color="black" if v > 60 else "white")
+    for ax in axes[len(labels):]:
+        ax.axis("off")
+    if image is not None:
+        bar = fig.colorbar(image, ax=list(axes), shrink=0.8, pad=0.02)
+        bar.set_label("accuracy (%), mean over seeds", fontsize=8)
+    fig.suptitle(title + ("\n" if title else "") + "acc[j][i]: accuracy on task j's test images after "
+                 "training task i", fontsize=9)
     return fig
 
 

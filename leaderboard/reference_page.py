@@ -23,7 +23,7 @@ from .figures import batch_size_curves
 from .markdown import MARKER, PM, pipe_table
 from .output import GeneratedFiles, slug
 from .records import config_id, newest_created, variant_text
-from .stats import paired_tests
+from .stats import LOCAL_MARK, paired_tests
 from .tables import page_name
 
 __all__ = ["PAGE", "render_reference", "figure_name"]
@@ -56,10 +56,11 @@ def _p(p: float) -> str:
 
 
 def _trained(run: Mapping[str, Any]) -> str:
-    """A configuration's name in the `trained` column: the main table's row or an ablation rung."""
+    """A configuration's name in the `trained` column: the main table's row or an ablation rung,
+    marked (local) for a run not published (the local pages), as the tables mark it."""
     hp = variant_text(run.get("variant"))
     base = "main table" if run["table"] == "main" else run["label"]
-    return base + (f" ({hp})" if hp else "")
+    return base + (f" ({hp})" if hp else "") + (LOCAL_MARK if run.get("_local") else "")
 
 
 class _Config:

@@ -22,7 +22,11 @@ from protocols.record import COST_FIELDS, HIGHER_IS_BETTER, METRICS, TIMING_FIEL
 
 from .records import config_id, variant_text
 
-__all__ = ["runs_frame", "aggregate", "paired_tests", "friedman", "FriedmanResult", "wilcoxon_min_p"]
+__all__ = ["runs_frame", "aggregate", "paired_tests", "friedman", "FriedmanResult", "wilcoxon_min_p", "mean_matrix",
+           "LOCAL_MARK"]
+
+#: What a row label of local runs (not published; `_local` in the rendered record) ends with.
+LOCAL_MARK = " (local)"
 
 _METRICS = tuple(METRICS)
 _COST = COST_FIELDS
@@ -49,7 +53,9 @@ def runs_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     record's `variant`), carry what differs, e.g. `smope (top_k=3)`; so a changed configuration
     never joins, replaces or averages into the default row. Two configurations that would still
     share a label (records made with different code defaults) are told apart by their config id,
-    the published one (`_published`) keeping the plain label. If one configuration and seed were
+    the published one (`_published`) keeping the plain label. Local runs (`_local`: not published,
+    shown beside the published records on the local pages) form rows of their own, labelled with
+    `LOCAL_MARK`: a published row never mixes with runs nobody published. If one configuration and seed were
     stored twice under different keys, only the most recently created run is kept, with a warning,
     so that a seed is never counted twice.
     """
@@ -61,27 +67,29 @@ def runs_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
         variant = r.get("variant") or {}
         proto_v, hp_v = variant_text(variant, protocol=True), variant_text(variant)
         label = r.get("label") or r.get("method")
+        local = bool(r.get("_local", False))
         rows.append({
             "key": r.get("key"),
             "protocol": r.get("protocol") + (f" ({proto_v})" if proto_v else ""),
             "backbone": r.get("backbone"), "table": r.get("table", "main"),
-            "label": label + (f" ({hp_v})" if hp_v else ""),
+            "label": label + (f" ({hp_v})" if hp_v else "") + (LOCAL_MARK if local else ""),
             "method": r.get("method"), "seed": r.get("seed"), "created": r.get("created") or "",
             "position": r.get("position", 0), "role": r.get("role") or "method",
             "config": config_id(r), "default_config": not variant,
-            "default_protocol": not proto_v, "published": bool(r.get("_published", False)),
+            "default_protocol": not proto_v, "published": bool(r.get("_published", False)), "local": local,
             **{k: (float(m[k]) if m.get(k) is not None else np.nan) for k in _METRICS},
             **{c: cost.get(c, np.nan) for c in _COST},
             **{t: tim.get(t, np.nan) for t in TIMING_FIELDS},
+            "run_gflops": (r.get("run_gflops") or {}).get("total", np.nan),
             "acc_matrix": r.get("acc_matrix"),
         })
     cols = ["key", *_GROUP, "label", "method", "seed", "created", "position", "role", "config",
-            "default_config", "default_protocol", "published", *_METRICS, *_COST,
-            *TIMING_FIELDS, "acc_matrix"]
+            "default_config", "default_protocol", "published", "local", *_METRICS, *_COST,
+            *TIMING_FIELDS, "run_gflops", "acc_matrix"]
     df = pd.DataFrame(rows, columns=cols)
     if df.empty:
         return df
-    for c in [*_COST, *TIMING_FIELDS]:
+    for c in [*_COST, *TIMING_FIELDS, "run_gflops"]:
         df[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
     df = df.sort_values([*_GROUP, "config", "seed", "created", "key"], kind="stable")
     dup = df.duplicated([*_GROUP, "config", "seed"], keep="last")
@@ -108,15 +116,16 @@ def aggregate(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     (protocol, backbone, table, label): one row per configuration (see `runs_frame`).
 
     Columns: protocol, backbone, table, label, method, n, seeds, <metric>_mean, <metric>_std for
-    every metric of `protocols.record.METRICS`, the cost columns (`COST_FIELDS`: median over seeds)
-    and the timings (train_s, eval_s, total_s: mean), which stay NaN when no record carries them.
+    every metric of `protocols.record.METRICS`, the cost columns (`COST_FIELDS` and the run's total
+    forward GFLOPs `run_gflops`: median over seeds) and the timings (train_s, eval_s, total_s:
+    mean), which stay NaN when no record carries them; `local`: the row's runs are not published.
     """
     df = runs_frame(records)
     out_cols = [*_GROUP, "label", "method", "n", "seeds", "position", "role", "config",
-                "default_config", "default_protocol", "created"]
+                "default_config", "default_protocol", "local", "created"]
     for m in _METRICS:
         out_cols += [f"{m}_mean", f"{m}_std"]
-    out_cols += [*_COST, *TIMING_FIELDS]
+    out_cols += [*_COST, "run_gflops", *TIMING_FIELDS]
     if df.empty:
         return pd.DataFrame(columns=out_cols)
     rows = []
@@ -128,12 +137,12 @@ def aggregate(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
                                "role": str(g["role"].iloc[0]), "config": str(g["config"].iloc[0]),
                                "default_config": bool(g["default_config"].all()),
                                "default_protocol": bool(g["default_protocol"].all()),
-                               "created": str(g["created"].max())}
+                               "local": bool(g["local"].all()), "created": str(g["created"].max())}
         for m in _METRICS:
             v = g[m].dropna().to_numpy(dtype=float)
             row[f"{m}_mean"] = float(v.mean()) if len(v) else np.nan
             row[f"{m}_std"] = float(v.std(ddof=1)) if len(v) > 1 else (0.0 if len(v) else np.nan)
-        for c in _COST:
+        for c in [*_COST, "run_gflops"]:
             v = g[c].dropna()
             row[c] = float(v.median()) if len(v) else np.nan
         for c in TIMING_FIELDS:
@@ -141,6 +150,18 @@ def aggregate(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
             row[c] = float(v.mean()) if len(v) else np.nan
         rows.append(row)
     return pd.DataFrame(rows, columns=out_cols)
+
+
+def mean_matrix(matrices: Iterable[Iterable[Iterable[float | None]]]) -> np.ndarray:
+    """The entrywise mean over seeds of acc matrices of one row (T x T, NaN where j > i): what the
+    pages show as a row's accuracy matrix."""
+    stack = np.array([[[np.nan if v is None else float(v) for v in row] for row in m] for m in matrices],
+                     dtype=float)
+    if stack.ndim != 3 or stack.shape[1] != stack.shape[2] or len(stack) == 0:
+        raise ValueError("mean_matrix needs square T x T acc matrices of one T")
+    with warnings.catch_warnings():  # entries j > i are NaN in every seed: their mean stays NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(stack, axis=0)
 
 
 def _pick_reference(means: Mapping[str, float], requested: str | None, metric: str) -> str:

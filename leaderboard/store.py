@@ -200,12 +200,6 @@ class RunStore:
             row = conn.execute("SELECT record FROM runs WHERE key = ?", (key,)).fetchone()
         return json.loads(row[0]) if row else None
 
-    def complete_runs(self) -> dict[str, int]:
-        """{key: seed} of every complete run, in one query: what a sweep or a dry run of any size
-        skips (`has` asks once per key)."""
-        with self._connect() as conn:
-            return {k: int(seed) for k, seed in conn.execute("SELECT key, seed FROM runs WHERE status = 'ok'")}
-
     def __contains__(self, key: object) -> bool:
         return isinstance(key, str) and self.has(key)
 

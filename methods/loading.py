@@ -43,7 +43,7 @@ def default_loader_workers(device: str | torch.device) -> int:
     On CPU the training step runs on the same cores that would decode, so workers only take cores
     from torch's threads (and the default 28 px tensors cost microseconds a sample). On a GPU the
     host only feeds it: one core stays with the training loop, and 8 workers decode and crop
-    ImageNet-R-sized JPEGs faster than a ViT-B/16 trains on them (`run_suite.py --profile` measures
+    ImageNet-R-sized JPEGs faster than a ViT-B/16 trains on them (`run_suite.py profile` measures
     the loader's images/s per worker)."""
     if torch.device(device).type == "cpu":
         return 0

@@ -2,19 +2,17 @@
 
 Per run, from the training and evaluation images/s of a profile record (`protocols.profile`) of
 the same protocol, method, precision and backbone architecture (sup21k's profile serves sup1k),
-or, where there is none, from a short profile measured on the spot (the basis column says which):
+or, where there is none, from a short profile measured on the spot (the basis column says which),
+over the images each part of the run feeds through the ViT (`protocols.work.run_work`, the same
+count a record's per-run GFLOPs come from):
 
     train  = training images x epochs / train img/s
     stages = per task, its training images x (the method's extra epochs / train img/s
              + its no-grad ViT passes / (eval img/s x eval passes per image))
     eval   = after every task, the test images of the tasks seen so far / eval img/s
 
-Image counts are the data sets' official split sizes (`benchmarks.facts`), capped by the
-protocol's per-class `subsample` (balanced classes assumed: exact for CIFAR-100 and Fashion-MNIST,
-an upper bound for CUB); a task's share is its share of the classes. The per-task stages come from
-each method's `task_stages()`. Left out, each small next to the ViT passes: re-fits of a linear
-head or of HiDe's TII MLP on sampled features (no ViT pass), k-means on features, loading the
-backbone, and the data pipeline (its loader records say whether it keeps up; the table notes it).
+Left out besides what `protocols.work` leaves out: loading the backbone, and the data pipeline
+(its loader records say whether it keeps up; the table notes it).
 """
 from __future__ import annotations
 
@@ -22,13 +20,13 @@ import json
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from benchmarks import classes_per_exp, dataset_facts
 from methods import backbones, registry
 
 from .devices import device_name, resolve_device
 from .profile import profile_method
 from .runner import RunSpec, resolve
 from .schema import Protocol, load_protocol
+from .work import run_work
 
 
 @dataclass(frozen=True)
@@ -46,39 +44,14 @@ class RunEstimate:
         return self.train_s + self.stages_s + self.eval_s
 
 
-def split_sizes(protocol: Protocol) -> tuple[int, int]:
-    """(training, test) images a run of `protocol` uses: the official split, capped per class by
-    the protocol's `subsample` (classes assumed balanced)."""
-    facts = dataset_facts(protocol.dataset)
-    sub = protocol.subsample or {}
-    train, test = facts.train_size, facts.test_size
-    if sub.get("train_per_class") is not None:
-        train = min(train, sub["train_per_class"] * facts.num_classes)
-    if sub.get("test_per_class") is not None:
-        test = min(test, sub["test_per_class"] * facts.num_classes)
-    return train, test
-
-
 def run_seconds(protocol: Protocol, method: str, hparams: dict, train_img_s: float,
                 eval_img_s: float) -> tuple[float, float, float]:
     """(train, stages, eval) seconds of one run at these rates (see the module docstring)."""
-    cls = registry.get(method)
-    hp = cls.Hparams(**hparams)
-    num_classes = dataset_facts(protocol.dataset).num_classes
-    n_train, n_test = split_sizes(protocol)
-    counts = classes_per_exp(num_classes, protocol.num_tasks)
-    pass_img_s = eval_img_s * cls.passes_test  # one no-grad ViT pass per image
-    train = n_train * hp.epochs / train_img_s
-    stages = evaluation = 0.0
-    seen = 0
-    for t, k in enumerate(counts):
-        share = k / num_classes
-        extra = cls.task_stages(hp, t)
-        stages += n_train * share * (extra.extra_epochs / train_img_s
-                                     + extra.no_grad_passes / pass_img_s)
-        seen += k
-        evaluation += n_test * seen / num_classes / eval_img_s
-    return train, stages, evaluation
+    work = run_work(protocol, method, hparams)
+    pass_img_s = eval_img_s * registry.get(method).passes_test  # one no-grad ViT pass per image
+    return (work.train_images / train_img_s,
+            work.stage_epoch_images / train_img_s + work.stage_pass_images / pass_img_s,
+            work.eval_images / eval_img_s)
 
 
 def _arch(backbone: str) -> str:
@@ -214,5 +187,5 @@ def format_estimates(estimates: Sequence[RunEstimate], device: str = "",
 def _train_rate(e: RunEstimate) -> float:
     """Training images/s implied by an estimate (images x epochs / train seconds)."""
     proto = load_protocol(e.spec.protocol)
-    epochs = resolve(e.spec, proto)["hparams"]["epochs"]
-    return split_sizes(proto)[0] * epochs / e.train_s if e.train_s else float("inf")
+    work = run_work(proto, e.spec.method, resolve(e.spec, proto)["hparams"])
+    return work.train_images / e.train_s if e.train_s else float("inf")

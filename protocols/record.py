@@ -35,7 +35,8 @@ __all__ = ["FIELDS", "OPTIONAL_FIELDS", "IDENTITY_FIELDS", "FAILED_RECORD_FIELDS
 
 #: Every field of a complete run record, with what it holds.
 FIELDS: dict[str, str] = {
-    "key": "sha256 of the resolved spec: a sweep skips stored keys, publishing compares them",
+    "key": "sha256 of the resolved spec: a sweep skips a stored key made by the code of now (`code`), "
+           "publishing compares them",
     "protocol": "the protocol's name",
     "backbone": "the backbone's name",
     "method": "the method's registered name",
@@ -71,13 +72,17 @@ FIELDS: dict[str, str] = {
     "eval_batch_size": "the evaluation batch size (results never depend on it)",
     "created": "when the run ended (ISO 8601, UTC, seconds)",
     "argv": "the command line of the sweep that ran it (stamped by the driver, never by a worker)",
+    "code": "the code that ran (protocols.code_identity): {commit, dirty, sha256, files: {module: "
+            "sha256}, plugin?}; a stored run whose sha256 is not the code's of now is stale and rerun",
+    "run_gflops": "forward GFLOPs of the whole run by part (protocols.work): {train, stages, eval, total}; "
+                  "the counted figure (images x passes x GFLOPs per image), not a timing",
     "record_sha256": "sha256 of the record's canonical JSON without this field (`record_digest`): "
                      "sealed by the driver when it stores the run, verified wherever the record is read",
 }
 #: Fields a complete record may lack: the split (ImageNet-R only), the command line (stamped by
-#: the driver after the run), the data copy (records made before it was recorded) and the seal
-#: (added by the driver last; the records published before it existed have none).
-OPTIONAL_FIELDS: tuple[str, ...] = ("split", "argv", "data_source", "record_sha256")
+#: the driver after the run), and what records made before them lack: the data copy, the code
+#: identity, the per-run GFLOPs and the seal (added by the driver last).
+OPTIONAL_FIELDS: tuple[str, ...] = ("split", "argv", "data_source", "code", "run_gflops", "record_sha256")
 #: What a run was asked to do: the fields a complete and a failed record share.
 IDENTITY_FIELDS: tuple[str, ...] = ("key", "protocol", "backbone", "method", "label", "table", "position",
                                     "precision", "seed", "spec")
@@ -101,6 +106,11 @@ class Metric:
     title: str
     definition: str  # one line, for the pages
     higher_is_better: bool
+    #: the formula over acc[j][i] (task j after training task i; T tasks, 1-based), "" for a
+    #: metric of the last evaluation's predictions (docs/sources.md#metrics)
+    formula: str = ""
+    #: which accuracy-matrix entries (or which predictions) it reads
+    entries: str = ""
 
 
 #: The metrics of a record (percent), in the order tables and exports list them. All come from the
@@ -108,17 +118,26 @@ class Metric:
 #: from the predictions of the last evaluation.
 METRICS: dict[str, Metric] = {
     "faa": Metric("FAA", "final average accuracy: the mean over tasks of each task's accuracy after the "
-                         "last task", True),
+                         "last task", True,
+                  "(1/T) Σ_j acc[j][T]", "the last column"),
     "caa": Metric("CAA", "cumulative average accuracy: the mean over tasks i of the average accuracy on "
-                         "tasks 0..i after task i", True),
+                         "tasks 0..i after task i", True,
+                  "(1/T) Σ_i (1/i) Σ_{j≤i} acc[j][i]", "every evaluated entry (j ≤ i), column means"),
     "ffm": Metric("FFM", "final forgetting: the mean over all tasks but the last of the best earlier "
-                         "accuracy minus the final one", False),
+                         "accuracy minus the final one", False,
+                  "(1/(T-1)) Σ_{j<T} (max_{j≤i<T} acc[j][i] - acc[j][T])",
+                  "rows j < T: the best entry before the last column, minus the last column"),
     "bwt": Metric("BWT", "backward transfer: the mean over all tasks but the last of the final accuracy "
-                         "minus the accuracy just after learning the task", True),
-    "final_acc": Metric("final accuracy", "the accuracy over every test image after the last task", True),
-    "wtp": Metric("WTP", "within-task prediction: the final accuracy with each image's task given", True),
+                         "minus the accuracy just after learning the task", True,
+                  "(1/(T-1)) Σ_{j<T} (acc[j][T] - acc[j][j])",
+                  "rows j < T: the last column minus the diagonal"),
+    "final_acc": Metric("final accuracy", "the accuracy over every test image after the last task", True,
+                        "", "the last evaluation's predictions, every test image counted once"),
+    "wtp": Metric("WTP", "within-task prediction: the final accuracy with each image's task given", True,
+                  "", "the last evaluation's logits, argmax over the classes of the image's own task"),
     "tii": Metric("TII", "task-identity inference: the share of final predictions that fall in the "
-                         "image's own task", True),
+                         "image's own task", True,
+                  "", "the last evaluation's predictions (argmax over all seen classes)"),
 }
 #: The metrics every table and test is built from: a complete record without them is refused.
 REQUIRED_METRICS: tuple[str, ...] = ("faa", "caa", "ffm", "bwt")

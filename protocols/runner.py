@@ -17,7 +17,6 @@ import contextlib
 import hashlib
 import json
 import platform
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from tqdm import tqdm
 from benchmarks import build_stream
 from methods import backbones, registry
 
+from .code_identity import code_identity, git_state
 from .cost import cost_row
 from .devices import resolve_device
 from .metrics import summarize, task_decomposition
@@ -38,9 +38,7 @@ from .record import COST_FIELDS, complete_record, utc_now
 from .reference_eval import ReferenceEvaluation
 from .reference_record import REFERENCE_KEY
 from .schema import Protocol, available, load_protocol
-
-#: the folder that holds the packages: a checkout of the suite, or site-packages once installed
-REPO = Path(__file__).resolve().parent.parent
+from .work import run_gflops, run_work
 
 
 @dataclass(frozen=True)
@@ -192,18 +190,8 @@ def record_identity(spec: RunSpec, protocol: Protocol | None = None,
 def code_version() -> str:
     """The git commit of the suite (+ '-dirty' with local changes) when the code runs from a
     checkout, else the package version (an installed copy is no checkout, even inside one)."""
-    if not (REPO / ".git").exists():
-        return _pkg_version("promptcl")
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                             text=True, timeout=5).stdout.strip()
-        if sha:
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                   cwd=REPO, capture_output=True, text=True, timeout=5).stdout.strip()
-            return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return _pkg_version("promptcl")
+    commit, dirty = git_state()
+    return commit + ("-dirty" if dirty else "") if commit else _pkg_version("promptcl")
 
 
 def _pkg_version(name: str) -> str:
@@ -295,6 +283,7 @@ def _run(spec: RunSpec, options: RunOptions, stack: contextlib.ExitStack) -> dic
     from avalanche.training.determinism.rng_manager import RNGManager
 
     start = time.time()
+    code = code_identity(spec.method)  # read as the run starts, before it can be edited
     if options.threads:
         torch.set_num_threads(options.threads)
     protocol = load_protocol(spec.protocol)
@@ -368,7 +357,8 @@ def _run(spec: RunSpec, options: RunOptions, stack: contextlib.ExitStack) -> dic
         device=dev, data_hash=info.data_hash, data_source=info.data_source,
         eval_batch_size=options.eval_batch_size,
         **({"split": {"name": info.split, "sha256": info.split_hash}} if info.split else {}),
-        threads=torch.get_num_threads(), created=utc_now())
+        threads=torch.get_num_threads(), created=utc_now(), code=code,
+        run_gflops=run_gflops(run_work(protocol, spec.method, resolved["hparams"]), cost))
     if reference is not None:
         record[REFERENCE_KEY] = reference.record(record)
     return record

@@ -1,4 +1,4 @@
-"""The real-shape dry run (`--smoke`): every method through every task of the real protocols.
+"""The real-shape dry run (`run_suite.py smoke`): every method through every task of the real protocols.
 
 Why: nobody here has CIFAR-100, ImageNet-R, CUB-200 or the ViT-B/16 weights, so the next best
 proof that the real path works is to run it at the real shape on synthetic files in the real
@@ -25,7 +25,7 @@ What differs, each visible in the run record:
   evaluated (a k x k matrix). A protocol with num_tasks=k would instead change the classes per
   task and every stream-derived hyperparameter: not the real shape.
 
-Three sizes. The full dry run (`run_suite.py --smoke`, `make smoke`): every task of every real
+Three sizes. The full dry run (`run_suite.py smoke`, `make smoke`): every task of every real
 protocol at 224 px. Its 2-task form (`tasks=2` on cifar100-10t, also part of `make smoke`):
 every method through both tasks at 224 px, minutes on a CPU. The reduced form CI runs
 (tests/test_smoke.py): the same 2 tasks with the backbone fed CIFAR-100's own 32 px

@@ -1,14 +1,17 @@
 """A sweep: protocols x backbones x (methods | ablation rungs) x seeds -> run specs -> records.
 
 `plan` turns a `SweepRequest` into `RunSpec`s (checking every name, seed count and that each
-method has hyperparameters for each protocol before anything runs); `execute_pending` runs the
-specs a store does not hold yet on an executor and hands each record to the store as it arrives.
+method has hyperparameters for each protocol before anything runs); `pending` says which of them
+the store already holds, complete and made by the code of now (a run whose code changed since is
+stale, and runs again); `execute_pending` runs the others on an executor and hands each record to
+the store as it arrives.
 The store is passed in (anything with `has(key)` and `put(record)`): this package never imports
 the leaderboard, which is built from records alone.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -16,6 +19,7 @@ from typing import Any, Protocol as TypingProtocol
 
 from methods import backbones, registry
 
+from .code_identity import code_identity, stale_reason
 from .devices import check_device, check_gpus
 from .errors import USER_ERRORS, ExecutorError, SweepError
 from .executors import RunFailure, execute
@@ -201,10 +205,10 @@ def keyed(specs: Sequence[RunSpec]) -> list[tuple[RunSpec, str]]:
     return out
 
 
-def pending(configs: Sequence[RunSpec], seeds: int, stored: Mapping[str, int]) -> list[tuple[RunSpec, int]]:
+def seeds_to_run(configs: Sequence[RunSpec], seeds: int, stored: Mapping[str, int]) -> list[tuple[RunSpec, int]]:
     """Each configuration with how many of its seeds 0..seeds-1 are not stored yet, in time and
     memory that do not grow with `seeds`: only the seeds `stored` ({key: seed} of the complete
-    runs, `RunStore.complete_runs`) holds are hashed. What a dry run of any size counts."""
+    runs a sweep would keep, `fresh_runs`) holds are hashed. What a dry run of any size counts."""
     held = sorted({s for s in stored.values() if 0 <= s < seeds})
     protocols: dict[str, Protocol] = {}
     out = []
@@ -216,6 +220,71 @@ def pending(configs: Sequence[RunSpec], seeds: int, stored: Mapping[str, int]) -
             protocols[config.protocol] = load_protocol(config.protocol)
         key = config_keys(config, protocols[config.protocol])
         out.append((config, seeds - sum(stored.get(key(s)) == s for s in held)))
+    return out
+
+
+def fresh_runs(records: Iterable[Mapping[str, Any]], rerun: bool = False) -> dict[str, int]:
+    """{key: seed} of the stored complete runs a sweep would keep (`pending`'s rule: made by the
+    code of now); none with `rerun`."""
+    if rerun:
+        return {}
+    now: dict[str, dict[str, Any]] = {}
+    out = {}
+    for r in records:
+        if r.get("status", "ok") != "ok":
+            continue
+        if r["method"] not in now:
+            now[r["method"]] = code_identity(r["method"])
+        if stale_reason(r.get("code"), now[r["method"]]) is None:
+            out[r["key"]] = int(r["seed"])
+    return out
+
+
+@dataclass
+class Pending:
+    """Which planned runs a sweep runs, and why each stored one runs again."""
+    todo: list[RunSpec] = field(default_factory=list)
+    kept: int = 0  # complete runs stored by the code of now: not run again
+    stale: Counter = field(default_factory=Counter)  # why -> stored complete runs run again for it
+    forced: int = 0  # stored complete runs run again because the user asked (--rerun)
+
+    @property
+    def rerun(self) -> int:
+        return sum(self.stale.values()) + self.forced
+
+    def lines(self) -> list[str]:
+        """What is run again and why, one line each ([] when nothing is)."""
+        out = [f"  {n} stale run(s) run again: {why}" for why, n in sorted(self.stale.items())]
+        if self.forced:
+            out.append(f"  {self.forced} stored run(s) run again: --rerun")
+        return out
+
+
+def pending(specs: Sequence[tuple[RunSpec, str]], stored: Callable[[str], dict[str, Any] | None],
+            rerun: bool = False) -> Pending:
+    """Sort keyed `specs` (`keyed`) by what `stored(key)` (the store's record, or None) holds: a
+    complete run made by the code of now (`protocols.code_identity`) is kept; one made by other
+    code is stale and runs again, and so does one that recorded no code (made before records
+    carried it: its code cannot be known); a missing or failed run runs; `rerun` runs them all."""
+    out = Pending()
+    now: dict[str, dict[str, Any]] = {}
+    for spec, key in specs:
+        record = stored(key)
+        if record is None or record.get("status", "ok") != "ok":
+            out.todo.append(spec)
+            continue
+        if rerun:
+            out.forced += 1
+            out.todo.append(spec)
+            continue
+        if spec.method not in now:
+            now[spec.method] = code_identity(spec.method)
+        why = stale_reason(record.get("code"), now[spec.method])
+        if why is None:
+            out.kept += 1
+        else:
+            out.stale[why] += 1
+            out.todo.append(spec)
     return out
 
 

@@ -20,9 +20,12 @@ def vit():
 @pytest.fixture(autouse=True)
 def no_published_records(tmp_path_factory, monkeypatch):
     """Sweeps in tests see an empty published-records folder unless they pass --records-dir: the
-    repository's own records (tests/test_published.py reads them) would otherwise join every table."""
+    repository's own records (tests/test_published.py reads them) would otherwise join every table;
+    and their local pages go to a folder of their own unless they pass --local-leaderboard-dir."""
     from leaderboard import layout
     monkeypatch.setattr(layout, "RECORDS_DIR", tmp_path_factory.mktemp("published-records"))
+    # ... and write their local pages there too, never into the checkout's results/
+    monkeypatch.setattr(layout, "LOCAL_PAGES_DIR", tmp_path_factory.mktemp("local-pages"))
 
 
 #: Files whose module fixtures take most of the run; collected first, so that with one process

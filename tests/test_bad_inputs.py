@@ -53,7 +53,8 @@ class Env:
     def base(self, command: str = "sweep") -> list[str]:
         """The options of `command` (a sweep: all of them) that keep every output under tmp."""
         values = {"protocols": str(self.proto), "data_root": str(self.data), "store": str(self.store),
-                  "records_dir": str(self.records), "leaderboard_dir": str(self.lb), "workers": "1",
+                  "records_dir": str(self.records), "leaderboard_dir": str(self.lb),
+                  "local_leaderboard_dir": str(self.tmp / "local"), "workers": "1",
                   "threads": "1", "quiet": None, "methods": "head_only", "seeds": "1"}
         takes = run_suite.COMMANDS[command].options
         return [arg for name, value in values.items() if name in takes
@@ -765,28 +766,39 @@ def _(env):
     return Bad(["export", str(out)], str(out))
 
 
-@case("leaderboard-dir under a file, report")
+@case("leaderboard-dir under a file, report --published")
 def _(env):
     d = env.file("pages") / "lb"
-    return Bad(["report", "--leaderboard-dir", str(d)], str(d))
+    return Bad(["report", "--published", "--leaderboard-dir", str(d)], str(d))
 
 
-@case("leaderboard-dir under a file, sweep")
+@case("local-leaderboard-dir under a file, sweep")
 def _(env):
     d = env.file("pages") / "lb"
-    return Bad(["--leaderboard-dir", str(d)], str(d))  # before the run: nothing is stored
+    return Bad(["--local-leaderboard-dir", str(d)], str(d))  # before the run: nothing is stored
 
 
 @case("leaderboard-dir is a file")
 def _(env):
     f = env.file("lb.md")
-    return Bad(["report", "--leaderboard-dir", str(f)], str(f))
+    return Bad(["report", "--published", "--leaderboard-dir", str(f)], str(f))
 
 
-@case("leaderboard-dir read-only, report")
+@case("leaderboard-dir read-only, report --published")
 def _(env):
     d = read_only_dir(env, "lb-ro")
-    return Bad(["report", "--leaderboard-dir", str(d)], str(d))
+    return Bad(["report", "--published", "--leaderboard-dir", str(d)], str(d))
+
+
+@case("local-leaderboard-dir read-only, report")
+def _(env):
+    d = read_only_dir(env, "local-ro")
+    return Bad(["report", "--local-leaderboard-dir", str(d)], str(d))
+
+
+@case("local pages into the committed pages' folder, sweep")
+def _(env):
+    return Bad(["--local-leaderboard-dir", str(env.lb)], str(env.lb), also=["committed pages"])
 
 
 @case("leaderboard-dir read-only, publish")

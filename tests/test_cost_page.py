@@ -143,3 +143,21 @@ def test_cost_page_is_deterministic(papers):
         for x in (r, p, s):
             random.Random(seed).shuffle(x)
         assert render_cost(r, p, s, papers) == a
+
+
+def test_per_run_gflops_by_part_and_wall_time_with_its_device(papers):
+    """The counted GFLOPs of a run (median over its runs) beside its measured wall time, which names
+    the device and threads it was measured on; local runs are a row of their own, marked."""
+    parts = {"train": 400.0, "stages": 20.0, "eval": 100.0, "total": 520.0}
+    recs = [run("smope", s, run_gflops=parts, timings={"train_s": 10.0 + s}, device="cpu", threads=1)
+            for s in range(3)]
+    recs.append(run("smope", 3, run_gflops={k: 2 * v for k, v in parts.items()}, timings={"train_s": 5.0},
+                    device=H200, threads=1, _local=True))
+    recs.append(run("l2p", 0, timings={"train_s": 7.0}, device="cpu", threads=2))  # made before run_gflops
+    secs = sections(render_cost(recs, [], [], papers))
+    rows = {r["method"]: r for r in secs["fmnist-5t · tiny, per run"]}
+    assert rows["smope"]["run total (forward)"] == "520 GFLOPs" and rows["smope"]["per-task stages"] == "20 GFLOPs"
+    assert rows["smope"]["train wall time (s)"] == "11.0 ± 1.0" and rows["smope"]["device, threads"] == "cpu, 1 thread(s)"
+    assert rows["smope (local)"]["run total (forward)"] == "1,040 GFLOPs"
+    assert rows["smope (local)"]["device, threads"] == f"{H200}, 1 thread(s)"
+    assert rows["l2p"]["run total (forward)"] == "—" and rows["l2p"]["device, threads"] == "cpu, 2 thread(s)"

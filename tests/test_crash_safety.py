@@ -258,7 +258,8 @@ def test_a_failed_run_is_stored_listed_never_shown_and_retried(world, monkeypatc
     proto.write_text((tmp / "tiny-5t.yaml").read_text() + "  nan_aux_loss: {epochs: 1}\n"
                      "  crash_at_task1: {epochs: 1}\n")
     args = ["--protocols", str(proto), "--data-root", str(tmp / "data"), "--store", str(d / "suite.sqlite"),
-            "--records-dir", str(d / "records"), "--leaderboard-dir", str(d / "lb"), "--quiet",
+            "--records-dir", str(d / "records"), "--leaderboard-dir", str(d / "lb"),
+            "--local-leaderboard-dir", str(d / "local"), "--quiet",
             "--workers", "1", "--threads", "1", "--plugin", str(d / "failing_plugin.py"),
             "--methods", "head_only,nan_aux_loss,crash_at_task1", "--seeds", "1"]
 
@@ -279,7 +280,7 @@ def test_a_failed_run_is_stored_listed_never_shown_and_retried(world, monkeypatc
     # ... and each run's log ends with its traceback
     (log,) = (d / "logs").glob(f"crash_at_task1-seed0-{crash['key'][:12]}.log")
     assert "FAILED: RuntimeError" in log.read_text() and "Traceback" in log.read_text()
-    page = (d / "lb" / "tiny-5t__tiny.md").read_text()
+    page = (d / "local" / "tiny-5t__tiny.md").read_text()  # the local pages: nothing here is published
     assert "head_only" in page and "nan_aux_loss" not in page and "crash_at_task1" not in page
 
     flag.unlink()  # the cause is fixed: the same command retries exactly the failed runs
@@ -289,5 +290,5 @@ def test_a_failed_run_is_stored_listed_never_shown_and_retried(world, monkeypatc
     assert {m: r["status"] for m, r in again.items()} == dict.fromkeys(by_method, "ok")
     assert again["nan_aux_loss"]["key"] == nan["key"] and "error" not in again["nan_aux_loss"]
     assert again["head_only"] == by_method["head_only"]  # not rerun
-    page = (d / "lb" / "tiny-5t__tiny.md").read_text()
+    page = (d / "local" / "tiny-5t__tiny.md").read_text()
     assert "nan_aux_loss" in page and "crash_at_task1" in page

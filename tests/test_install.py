@@ -72,9 +72,12 @@ def test_a_wheel_install_writes_only_into_the_working_directory(tmp_path):
     run([*suite, "--protocols", str(proto), "--methods", "head_only", "--seeds", "1", "--data-root",
          str(tmp_path / "data"), *store, "--threads", "1", "--workers", "1", "--quiet", "--no-render"], cwd=checkout)
     run([*suite, "publish", *store, "--no-render"], cwd=checkout)
-    run([*suite, "report", *store], cwd=checkout)
+    run([*suite, "report", "--published"], cwd=checkout)
 
     assert snapshot(purelib) == installed  # nothing written beside the installed code
     published = checkout / "leaderboard" / "records" / "tiny-5t__tiny.jsonl"
-    assert [json.loads(line)["method"] for line in published.read_text().splitlines()] == ["head_only"]
+    (record,) = [json.loads(line) for line in published.read_text().splitlines()]
+    assert record["method"] == "head_only"
+    # an installed copy is no checkout: no commit, but the hash of the code that ran all the same
+    assert record["code"]["commit"] is None and "methods.head_only" in record["code"]["files"]
     assert "head_only" in (checkout / "leaderboard" / "tiny-5t__tiny.md").read_text()

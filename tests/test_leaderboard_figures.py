@@ -6,8 +6,9 @@ import pytest
 from PIL import Image
 
 from leaderboard import figures
-from leaderboard.figures import (Drawn, accuracy_curves, critical_difference, faa_dots,
-                                 seen_class_accuracy, seen_class_curve, tradeoff)
+from leaderboard.figures import (METHOD_COLOURS, Drawn, accuracy_curves, accuracy_matrices, critical_difference,
+                                 faa_dots, row_colours, seen_class_accuracy, seen_class_curve, tradeoff,
+                                 tradeoff_figure)
 from leaderboard.stats import aggregate, friedman
 from protocols.metrics import summarize
 from test_leaderboard_stats import recs_for
@@ -135,7 +136,7 @@ def test_tradeoff_places_zero_parameter_methods_at_a_marked_zero(tmp_path):
     assert d.changed and d.path.read_bytes()[:8] == PNG
     assert not tradeoff(rows, tmp_path / "tradeoff.png", title="fmnist-5t · tiny").changed
 
-    fig = figures._draw_tradeoff(tradeoff_items(rows), "t")
+    fig = tradeoff_figure(rows, "t")
     gflops_ax, params_ax = fig.axes
     for ax in (gflops_ax, params_ax):  # every method is a labelled point in both panels
         assert sorted(t.get_text() for t in ax.texts if t.get_text() in COSTS) == sorted(COSTS)
@@ -144,8 +145,8 @@ def test_tradeoff_places_zero_parameter_methods_at_a_marked_zero(tmp_path):
     assert "0" in ticks and ticks["0"] < 1920 / 10  # the zero spot sits below the smallest real count
     zero_pos = {t.get_text(): t.xy[0] for t in params_ax.texts if t.get_text() in ("head_only", "joint")}
     assert sorted(zero_pos) == ["head_only", "joint"]
-    for x in zero_pos.values():  # at the "0" spot (set side by side at most), left of the axis break
-        assert abs(math.log10(x / ticks["0"])) < 0.1 and x < ticks["0"] * 10 ** 0.5
+    for x in zero_pos.values():  # exactly at the "0" spot, left of the axis break
+        assert x == ticks["0"] and x < ticks["0"] * 10 ** 0.5
     assert "parameters 0: none added (head_only, joint)" in fig.texts[0].get_text()  # the note names them
 
 
@@ -164,23 +165,80 @@ def test_label_spots_never_overlap_when_crowded():
         assert all(figures._overlap(a, b) == 0 for b in boxes[i + 1:])
 
 
-def test_dodge_spreads_only_overlapping_points():
-    # a and b overlap at the same x; c is at the same x but far below; d is far away
-    shifts = figures._dodge([10.0, 10.0, 10.0, 200.0], [(50, 60), (55, 70), (0, 5), (50, 60)])
-    assert shifts[2] == 0 and shifts[3] == 0
-    assert sorted(shifts[:2]) == [-4.5, 4.5] and shifts[1] < shifts[0]  # the higher one on the left
+def plotted_points(ax) -> dict[str, tuple[float, float]]:
+    """{label: (x, y)} of the markers a panel draws (each errorbar's marker line), by its colour,
+    read back from the matplotlib artists."""
+    return {tuple(line.get_color()) if not isinstance(line.get_color(), str) else line.get_color():
+            (float(line.get_xdata()[0]), float(line.get_ydata()[0]))
+            for line in ax.lines if line.get_marker() == "o"}
 
 
-def tradeoff_items(rows):
-    return [{**r, "faa_mean": float(r["faa_mean"]), "faa_std": float(r["faa_std"]),
-             "gflops_test": float(r["gflops_test"]), "trainable_params": float(r["trainable_params"])}
-            for r in sorted(rows, key=lambda r: r["label"])]
+def test_tradeoff_points_sit_at_the_records_gflops_exactly():
+    """Four methods at 0.0671-0.0672 GFLOPs (as on fmnist-5t): each marker is drawn at its own cost,
+    never moved sideways; where points crowd, the labels move."""
+    from leaderboard.stats import aggregate
+
+    costs = {"hide_prompt": 0.067108864, "vq_prompt": 0.067125248, "coda_prompt": 0.06720512,
+             "dualprompt": 0.067182592, "l2p": 0.074514432, "smope": 0.034508544}
+    per_run = {m: 1500.0 * c for m, c in costs.items()}
+    recs = recs_for({m: [0.1 * i, 0.2 * i, 0.0] for i, m in enumerate(costs)})
+    for r in recs:
+        r["cost"] = {**r["cost"], "gflops_test": costs[r["method"]], "gflops_train": costs[r["method"]]}
+        r["run_gflops"] = {"train": 100.0, "stages": 0.0, "eval": 50.0, "total": per_run[r["method"]]}
+    rows = aggregate(recs)
+    colours = row_colours(rows)
+    fig = tradeoff_figure(rows, "t", colours)
+    gflops_ax, _, run_ax = fig.axes
+    by_colour = plotted_points(gflops_ax)
+    drawn = {lab: by_colour[colours[lab]] for lab in costs}
+    assert {lab: x for lab, (x, _) in drawn.items()} == costs  # exactly, not approximately
+    runs = plotted_points(run_ax)
+    assert {lab: runs[colours[lab]][0] for lab in costs} == per_run
+    # the labels of the crowded four are apart from each other (moved, not their points)
+    texts = {t.get_text(): t for t in gflops_ax.texts if t.get_text() in costs}
+    assert all(t.xy[0] == costs[lab] for lab, t in texts.items())  # each label points at its own cost
+    renderer = fig.canvas.get_renderer()
+    boxes = [texts[lab].get_window_extent(renderer) for lab in ("hide_prompt", "vq_prompt", "coda_prompt", "dualprompt")]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+def test_a_method_keeps_its_colour_when_a_row_is_added(tmp_path):
+    """The colours of a table's rows do not depend on which other rows it has: the suite's methods
+    keep theirs, a plugin gets one of its own, and the figures draw them so."""
+    from leaderboard.stats import aggregate
+
+    recs = recs_for()
+    before = row_colours(aggregate(recs))
+    plugin = recs_for({"my_plugin": [0.2, 0.1, 0.4, 0.0, 0.3]})
+    after = row_colours(aggregate(recs + plugin))
+    assert {lab: after[lab] for lab in before} == before
+    assert after["smope"] == METHOD_COLOURS["smope"] and after["l2p"] == METHOD_COLOURS["l2p"]
+    assert after["my_plugin"] not in METHOD_COLOURS.values()
+    # read back from the figures: the same marker colour for smope with and without the plugin row
+    for rows in (aggregate(recs), aggregate(recs + plugin)):
+        fig = tradeoff_figure(rows.assign(gflops_test=0.05, trainable_params=1000.0), "t", row_colours(rows))
+        colours = {t.get_text(): t.get_color() for t in fig.axes[0].texts}
+        assert colours["smope"] == METHOD_COLOURS["smope"]
+    # a local row of a method keeps the method's colour; ablation rungs take theirs by rung
+    assert row_colours([{"label": "smope (local)", "position": 0}])["smope (local)"] == METHOD_COLOURS["smope"]
+    ladder = [{"label": f"rung {i}", "position": i} for i in range(3)]
+    grown = row_colours(ladder + [{"label": "rung 3", "position": 3}])
+    assert {k: grown[k] for k in row_colours(ladder)} == row_colours(ladder)
+
+
+def test_accuracy_matrices_one_panel_per_row(tmp_path):
+    mats = {"smope": np.array([[90.0, 80.0], [np.nan, 85.0]]), "l2p": np.array([[70.0, 60.0], [np.nan, 65.0]])}
+    d = accuracy_matrices(mats, tmp_path / "m.png", title="t")
+    assert d.changed and d.path.read_bytes()[:8] == PNG
+    assert not accuracy_matrices(mats, tmp_path / "m.png", title="t").changed
+    with pytest.raises(ValueError, match="T x T"):
+        accuracy_matrices({"x": np.zeros((2, 3))}, tmp_path / "bad.png")
 
 
 def test_tradeoff_names_methods_without_cost_and_refuses_negative(tmp_path):
     rows = trade_rows()
     rows[2] = {**rows[2], "gflops_test": float("nan")}
-    fig = figures._draw_tradeoff(tradeoff_items(rows), "t")
+    fig = tradeoff_figure(rows, "t")
     notes = fig.texts[0].get_text().splitlines()
     assert f"not shown against test GFLOPs, no cost recorded: {rows[2]['label']}" in notes
     assert tradeoff(rows, tmp_path / "t.png").changed

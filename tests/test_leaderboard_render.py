@@ -64,9 +64,10 @@ def test_render_pages_numbers_and_index(tmp_path, records):
         assert pm(row["FAA"]) == pytest.approx((round(faa.mean(), 2), round(faa.std(ddof=1), 2)), abs=1e-9)
         assert pm(row["CAA"])[0] == pytest.approx(round(faa.mean() - 80 + 252.5 / 3, 2))
         assert pm(row["FFM"]) == (15.0, 0.0)
+        assert pm(row["BWT"]) == (-15.0, 0.0)  # (75 - 85 + 70 - 90) / 2, beside FFM
         assert row["seeds (n)"] == "5"
         assert row["trainable params"] == "230,400" and row["passes (test)"] == "1"
-        assert row["train time (s)"] == "12.0"
+        assert "train time (s)" not in row  # wall time, with its device, is the cost page's
     # paired tests against smope, p-values as scipy gives them
     assert {r["method"] for r in tests} == {"vq", "l2p", "coda"}
     ref = expect["smope"]
@@ -78,6 +79,15 @@ def test_render_pages_numbers_and_index(tmp_path, records):
     assert "Paired t-test by seed" in md and "Holm-corrected" in md and "0.0625" in md and "Wilcoxon" in md
     assert "![FAA per method](figures/fmnist-5t__tiny_faa.png)" in md
     assert "(fmnist-5t__tiny__ablation-prior.md)" in md  # main page links its ablation
+    # the headline names the best method (by FAA) and how it compares with the reference
+    best = order[0]
+    assert f"**Best method by FAA: {best}, {main[0]['FAA']}**" in md
+    # each row's mean accuracy matrix: a figure, and its numbers
+    assert "![accuracy matrices](figures/fmnist-5t__tiny_matrices.png)" in md
+    assert f"<summary>{best} (n = 5)</summary>" in md
+    # the metrics, defined on the page: formula, entries, source
+    assert "## Metrics" in md and "(1/(T-1)) Σ_{j<T} (acc[j][T] - acc[j][j])" in md
+    assert "docs/sources.md" in md
 
     abl = (tmp_path / "fmnist-5t__tiny__ablation-prior.md").read_text()
     arows = parse_tables(abl)[0]
@@ -103,7 +113,7 @@ def test_cost_columns_only_when_present(tmp_path):
     render(recs, tmp_path, figures=False)
     md = (tmp_path / "fmnist-5t__tiny.md").read_text()
     main = parse_tables(md)[0]
-    assert set(main[0]) == {"method", "FAA", "CAA", "FFM", "seeds (n)"}
+    assert set(main[0]) == {"method", "FAA", "CAA", "FFM", "BWT", "seeds (n)"}
     assert "![" not in md and not (tmp_path / "figures").exists()
     assert "## Across protocols" not in (tmp_path / "README.md").read_text()
 
@@ -175,3 +185,24 @@ def test_ablation_ladder_keeps_its_order_and_compares_with_the_full_model(tmp_pa
     rows = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ")]
     assert rows[1:4] == ["base", "+ a", "+ b (full)"]  # ladder order, not FAA order
     assert "Reference: **+ b (full)**" in text
+
+
+def test_headline_names_the_best_method_and_the_bounds_apart(tmp_path):
+    """The upper bound is a reference, never "the best": the headline names the best contestant."""
+    recs = recs_for()
+    for method, shift, role in (("joint", 9.0, "upper bound"), ("head_only", -9.0, "lower bound")):
+        for seed in range(5):
+            r = make_record(method=method, seed=seed, shift=shift + 0.1 * seed)
+            r["role"] = role
+            recs.append(r)
+    render(recs, tmp_path, figures=False)
+    md = (tmp_path / "fmnist-5t__tiny.md").read_text()
+    main = {r["method"]: r for r in parse_tables(md)[0]}
+    best = max(SHIFTS, key=lambda m: np.mean(SHIFTS[m]))
+    headline = next(line for line in md.splitlines() if line.startswith("**Best method"))
+    assert headline.startswith(f"**Best method by FAA: {best}, {main[best]['FAA']}**")
+    assert f"joint (upper bound) {main['joint']['FAA']}" in headline
+    assert f"head_only (lower bound) {main['head_only']['FAA']}" in headline
+    index = (tmp_path / "README.md").read_text()
+    assert f"best method {best} {main[best]['FAA']} FAA" in index
+    assert f"joint {main['joint']['FAA']} (upper)" in index and "best method joint" not in index

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from helpers import make_strategy, stream
-from protocols.estimate import estimate, format_estimates, split_sizes, total_seconds
+from protocols.estimate import estimate, format_estimates, total_seconds
+from protocols.work import split_sizes
 from leaderboard.records import add_measurements as write_records, load_measurements_file as read_records
 from protocols.profile import loader_throughput, profile_method
 from protocols.runner import RunSpec

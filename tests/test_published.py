@@ -3,6 +3,7 @@ quotes them faithfully. These read the repository's own records (no runs)."""
 import re
 from pathlib import Path
 
+import run_suite
 from helpers import section_tables
 from leaderboard import layout
 from leaderboard.records import load_measurements, load_published
@@ -22,17 +23,19 @@ README_NAMES = {"joint (upper bound)": "joint", "HiDe-Prompt": "hide_prompt", "S
 
 
 def test_the_committed_pages_are_what_the_records_render_to(tmp_path):
-    """A page edited by hand, or records committed without their pages, fails here."""
+    """A page edited by hand, or records committed without their pages, fails here: the committed
+    pages are what `report --published` renders from the published records alone (the GFLOPs per
+    run of records made before that field counted from their specs, as it counts them)."""
     published = load_published(RECORDS)
     assert published, "no published records"
     render_all(published, (), tmp_path, profiles=load_measurements(PROFILES), smoke=load_measurements(SMOKE),
-               reference=load_reference([reference_dir(RECORDS)], published))
+               run_costs=run_suite.run_costs(published), reference=load_reference([reference_dir(RECORDS)], published))
     fresh = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.md"))
     assert fresh and all((LEADERBOARD / p).is_file() for p in fresh)
     for p in fresh:
         assert (tmp_path / p).read_text() == (LEADERBOARD / p).read_text(), (
             f"leaderboard/{p} is not what leaderboard/records/ renders to: publish the runs it shows, "
-            "or re-render from the records alone (`python run_suite.py report --store none.sqlite`)")
+            "or re-render from the records alone (`python run_suite.py report --published`)")
 
 
 def test_the_readme_quotes_the_main_table_and_has_no_placeholders():
@@ -45,6 +48,7 @@ def test_the_readme_quotes_the_main_table_and_has_no_placeholders():
     assert [README_NAMES[r["method"]] for r in readme] == list(page)  # same rows, same order
     for r in readme:
         p = page[README_NAMES[r["method"]]]
-        for col in ("FAA", "CAA", "FFM", "WTP", "TII"):
+        for col in ("FAA", "CAA", "FFM", "BWT", "WTP", "TII"):
             assert r[col] == p[col], (r["method"], col)
         assert r["added params"] == p["trainable params"] and r["passes (test)"] == p["passes (test)"]
+        assert r["GFLOPs per run"] == p["GFLOPs per run (forward)"]

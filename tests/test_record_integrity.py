@@ -28,11 +28,12 @@ from leaderboard import output, papers
 from leaderboard.records import LOCK_FILE, add_measurements, load_measurements_file, load_published, publish
 from leaderboard.store import RunStore
 from protocols import runner
+from protocols.code_identity import code_identity
 from protocols.devices import device_name, device_slug, resolve_device
 from protocols.metrics import summarize
 from protocols.record import RecordError, record_problems, seal_record, validate_record
 from protocols.runner import RunSpec, run_key, seed_keys, spec_key
-from protocols.sweep import SweepRequest, configurations, keyed, pending, plan
+from protocols.sweep import SweepRequest, configurations, keyed, seeds_to_run, plan
 from test_leaderboard_store import make_record
 from test_profile import _record as profile_record
 
@@ -165,8 +166,10 @@ def world(tmp_path):
 
 
 def pages_options(tmp: Path) -> list[str]:
+    """A world of its own; `report` renders the local pages into tmp/lb (the committed ones, which
+    `publish` renders too, into tmp/lb-committed)."""
     return ["--store", str(tmp / "runs.sqlite"), "--records-dir", str(tmp / "records"),
-            "--leaderboard-dir", str(tmp / "lb")]
+            "--leaderboard-dir", str(tmp / "lb-committed"), "--local-leaderboard-dir", str(tmp / "lb")]
 
 
 @pytest.mark.parametrize("how", ["tampered metric", "truncated line", "merge-conflict markers"])
@@ -474,8 +477,9 @@ def test_a_dry_run_of_100000_seeds_resolves_each_configuration_once(tmp_path, ca
                      profiles / f"{device_slug(name)}.jsonl")
     store = tmp_path / "runs.sqlite"
     stored = [make_record(method="head_only", seed=s) for s in (0, 1)]
-    for s, rec in zip((0, 1), stored):
-        rec["key"] = spec_key(RunSpec("fmnist-5t", "tiny", "head_only", s))
+    for s, rec in zip((0, 1), stored):  # made by the code of now: a sweep would keep them
+        rec.pop("record_sha256", None)
+        rec.update(key=spec_key(RunSpec("fmnist-5t", "tiny", "head_only", s)), code=code_identity("head_only"))
     RunStore(store).put_many(stored)
     calls = []
     resolve = runner.resolve
@@ -487,5 +491,5 @@ def test_a_dry_run_of_100000_seeds_resolves_each_configuration_once(tmp_path, ca
     assert out.startswith("200,000 runs planned, 2 already in") and "199,998 to run" in out
     assert "total: 199,998 runs" in out
     assert len(calls) <= 3 * 2  # a few resolutions per configuration, whatever the seed count
-    assert pending(configurations(SweepRequest(methods=["head_only"], seeds=10 ** 9)), 10 ** 9,
+    assert seeds_to_run(configurations(SweepRequest(methods=["head_only"], seeds=10 ** 9)), 10 ** 9,
                    {}) == [(RunSpec("fmnist-5t", "tiny", "head_only", 0), 10 ** 9)]

@@ -253,7 +253,7 @@ def test_the_page_renders_from_the_record_files_alone(world, tmp_path):
 def test_the_reference_command_runs_publishes_and_renders(tmp_path, capsys):
     proto = small_fmnist(tmp_path)
     common = ["--store", str(tmp_path / "runs.sqlite"), "--records-dir", str(tmp_path / "records"),
-              "--leaderboard-dir", str(tmp_path / "lb")]
+              "--leaderboard-dir", str(tmp_path / "lb"), "--local-leaderboard-dir", str(tmp_path / "local")]
     args = ["reference", "--protocols", str(proto), "--data-root", str(tmp_path / "data"), "--quiet", "--threads",
             "1", "--workers", "1", "--batch-sizes", "8", *common]
     assert run_suite.main(args + ["--ablation", "l2p-trained-as-the-code", "--seeds", "2"]) == 0
@@ -264,15 +264,16 @@ def test_the_reference_command_runs_publishes_and_renders(tmp_path, capsys):
     assert len(local.read_text().splitlines()) == 4
     stored = RunStore(tmp_path / "runs.sqlite").records()
     assert len(stored) == 4 and not any(REFERENCE_KEY in r for r in stored)
-    page = (tmp_path / "lb" / "reference-behaviours.md").read_text()
-    # the rungs, labelled with what this copy of fmnist-5t changes (epochs=1)
-    assert "| trained per sample (epochs=1) | 0, 1 | per sample |" in page
-    assert "| trained as the code (epochs=1) | 0, 1 | per sample |" in page
-    assert "| trained per sample (epochs=1) | batch_vote @ 16 | 2 |" in page  # the paired test over both seeds
+    assert not (tmp_path / "lb").exists()  # the committed pages change only by publishing
+    page = (tmp_path / "local" / "reference-behaviours.md").read_text()
+    # the rungs, labelled with what this copy of fmnist-5t changes (epochs=1), marked local (not published)
+    assert "| trained per sample (epochs=1) (local) | 0, 1 | per sample |" in page
+    assert "| trained as the code (epochs=1) (local) | 0, 1 | per sample |" in page
+    assert "| trained per sample (epochs=1) (local) | batch_vote @ 16 | 2 |" in page  # paired over both seeds
     assert "[l2p-trained-as-the-code](fmnist-5t__tiny__ablation-l2p-trained-as-the-code.md)" in page
     # the code's training and evaluation together against the suite's, paired over both seeds
-    assert "Trained and evaluated as the public code does (trained as the code (epochs=1); batch_vote at test " \
-           "batch 16)" in page and "(n = 2, p " in page
+    assert "Trained and evaluated as the public code does (trained as the code (epochs=1) (local); batch_vote at " \
+           "test batch 16)" in page and "(n = 2, p " in page
 
     assert run_suite.main(args + ["--ablation", "l2p-trained-as-the-code", "--seeds", "2"]) == 0
     assert "4 runs planned, 4 already have reference records, 0 to run" in capsys.readouterr().out
@@ -283,9 +284,12 @@ def test_the_reference_command_runs_publishes_and_renders(tmp_path, capsys):
     assert "published 4 new reference record(s)" in capsys.readouterr().out
     published = reference_dir(tmp_path / "records") / "fmnist-5t__tiny.jsonl"
     assert len(published.read_text().splitlines()) == 4
-    (tmp_path / "lb" / "reference-behaviours.md").unlink()
-    assert run_suite.main(["report", "--store", str(tmp_path / "none.sqlite"), *common[2:]]) == 0
-    assert (tmp_path / "lb" / "reference-behaviours.md").read_text() == page
+    committed = (tmp_path / "lb" / "reference-behaviours.md").read_text()
+    assert committed == page.replace(" (local)", "")  # the same page, its runs published now
+    assert "reference-behaviours.md" in (tmp_path / "lb" / "README.md").read_text()
+    (tmp_path / "lb" / "reference-behaviours.md").unlink()  # rebuilt from the published files alone
+    assert run_suite.main(["report", "--published", *common[2:-2]]) == 0
+    assert (tmp_path / "lb" / "reference-behaviours.md").read_text() == committed
 
 
 # ---------------------------------------------------------------------------- the real shape

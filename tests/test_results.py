@@ -1,5 +1,6 @@
-"""Results that last (issue 9): published records, rows that are one configuration, pages that no
-sweep can erase, the reproduction check, publishing and its conflicts."""
+"""Results that last (issues 9 and 19): published records, rows that are one configuration, committed
+pages that only publishing changes (a sweep renders local pages beside them), the reproduction
+check, publishing and its conflicts, and stale runs: a stored run whose code changed runs again."""
 import json
 from pathlib import Path
 
@@ -20,18 +21,18 @@ from test_leaderboard_store import make_record
 @pytest.fixture()
 def env(tmp_path):
     """Tiny Fashion-MNIST in the real IDX format, and CLI arguments whose every output (store,
-    published records, pages) lives under tmp_path."""
+    published records, committed pages in lb/, local pages in local/) lives under tmp_path."""
     write_fashion_mnist(tmp_path / "data" / "fashion-mnist", train_per_class=12, test_per_class=4)
     args = ["--data-root", str(tmp_path / "data"), "--store", str(tmp_path / "runs.sqlite"),
             "--records-dir", str(tmp_path / "records"), "--leaderboard-dir", str(tmp_path / "lb"),
-            "--quiet", "--threads", "1", "--workers", "1"]
+            "--local-leaderboard-dir", str(tmp_path / "local"), "--quiet", "--threads", "1", "--workers", "1"]
     return tmp_path, args
 
 
 def page_options(tmp: Path) -> list[str]:
     """The options of `report` and `publish` that keep every output under tmp."""
     return ["--store", str(tmp / "runs.sqlite"), "--records-dir", str(tmp / "records"),
-            "--leaderboard-dir", str(tmp / "lb")]
+            "--leaderboard-dir", str(tmp / "lb"), "--local-leaderboard-dir", str(tmp / "local")]
 
 
 def rows(page: Path) -> dict[str, dict]:
@@ -48,14 +49,14 @@ def test_overrides_and_renamed_protocol_get_their_own_rows(env):
     tmp, args = env
     base = ["--protocols", "fmnist-5t", "--methods", "head_only", "--seeds", "2", "--set", "head_only.epochs=1"]
     assert run_suite.main(args + base) == 0
-    page = tmp / "lb" / "fmnist-5t__tiny.md"
-    default = rows(page)["head_only (epochs=1)"]["FAA"]  # epochs=1 is itself an override
+    page = tmp / "local" / "fmnist-5t__tiny.md"  # not published: the local pages
+    default = rows(page)["head_only (epochs=1) (local)"]["FAA"]  # epochs=1 is itself an override
 
     assert run_suite.main(args + base + ["--set", "head_only.lr=0.02", "--seeds", "1"]) == 0
     after = rows(page)
-    assert after["head_only (epochs=1)"]["FAA"] == default  # not replaced, not averaged
-    assert after["head_only (epochs=1, lr=0.02)"]["seeds (n)"] == "1"
-    assert after["head_only (epochs=1, lr=0.02)"]["FAA"].endswith("± n/a")
+    assert after["head_only (epochs=1) (local)"]["FAA"] == default  # not replaced, not averaged
+    assert after["head_only (epochs=1, lr=0.02) (local)"]["seeds (n)"] == "1"
+    assert after["head_only (epochs=1, lr=0.02) (local)"]["FAA"].endswith("± n/a")
 
     copy = tmp / "fmnist-copy.yaml"  # the shipped name, a tenth of the data
     text = (Path(run_suite.__file__).parent / "protocols" / "fmnist-5t.yaml").read_text()
@@ -63,8 +64,8 @@ def test_overrides_and_renamed_protocol_get_their_own_rows(env):
                     .replace("test_per_class: 100", "test_per_class: 2"))
     assert run_suite.main(args + ["--protocols", str(copy), "--methods", "head_only", "--seeds", "1",
                                   "--set", "head_only.epochs=1"]) == 0
-    assert rows(page)["head_only (epochs=1)"]["FAA"] == default
-    (other,) = [p for p in (tmp / "lb").glob("fmnist-5t-*__tiny.md")]
+    assert rows(page)["head_only (epochs=1) (local)"]["FAA"] == default
+    (other,) = [p for p in (tmp / "local").glob("fmnist-5t-*__tiny.md")]
     text = other.read_text()
     assert "subsample.train_per_class=6" in text and "subsample.test_per_class=2" in text
     store = RunStore(tmp / "runs.sqlite").records()
@@ -86,30 +87,30 @@ def published_world():
 def test_pages_survive_other_sweeps_and_report_is_stable(env, capsys):
     tmp, args = env
     publish(published_world(), tmp / "records")
-    assert run_suite.main(["report", *page_options(tmp)]) == 0
+    assert run_suite.main(["report", "--published", *page_options(tmp)]) == 0
     first = snapshot(tmp / "lb")
     pages = [n for n in first if n.endswith(".md")]
     assert {"fmnist-5t__tiny.md", "cifar100-10t__tiny.md", "fmnist-5t__tiny__ablation-prior.md",
             "papers.md", "cost.md", "README.md"} <= set(pages)
 
-    # --report twice: byte-identical files, nothing rewritten
+    # report --published twice: byte-identical files, nothing rewritten
     mtimes = {p: p.stat().st_mtime_ns for p in (tmp / "lb").rglob("*") if p.is_file()}
-    assert run_suite.main(["report", *page_options(tmp)]) == 0
+    assert run_suite.main(["report", "--published", *page_options(tmp)]) == 0
     assert snapshot(tmp / "lb") == first
     assert {p: p.stat().st_mtime_ns for p in (tmp / "lb").rglob("*") if p.is_file()} == mtimes
     assert "(0 changed, 0 removed)" in capsys.readouterr().out
 
-    # a sweep of one method into a fresh store: every page is still there with the same numbers
+    # a sweep of one method into a fresh store: the committed pages are left byte for byte; the
+    # local pages show its run beside them
     proto = tmp / "tiny-5t.yaml"
     proto.write_text("name: tiny-5t\ndataset: fashion_mnist\nnum_tasks: 5\nbackbones: [tiny]\n"
                      "methods:\n  head_only: {epochs: 1}\n")
     assert run_suite.main(args + ["--protocols", str(proto), "--methods", "head_only", "--seeds", "1",
                                   "--store", str(tmp / "fresh.sqlite")]) == 0
-    for name in pages:
-        assert (tmp / "lb" / name).exists(), name
+    assert snapshot(tmp / "lb") == first
     for name in ("fmnist-5t__tiny.md", "cifar100-10t__tiny.md", "fmnist-5t__tiny__ablation-prior.md"):
-        assert (tmp / "lb" / name).read_bytes() == first[name]
-    assert (tmp / "lb" / "tiny-5t__tiny.md").exists()
+        assert (tmp / "local" / name).read_bytes() == first[name]  # no local run there: the same page
+    assert "head_only (local)" in (tmp / "local" / "tiny-5t__tiny.md").read_text()
 
     # the plugin sits beside the others with a paired test against SMoPE, in the Holm family
     md = (tmp / "lb" / "fmnist-5t__tiny.md").read_text()
@@ -196,8 +197,8 @@ def test_reproduction_line_counts_a_planted_difference(env, capsys):
     out = capsys.readouterr().out
     assert "reproduced 1/2 published runs (max |dFAA| 2.00)" in out
     assert f"differs: tiny-5t · tiny · head_only · seed {rec['seed']}" in out
-    # the published record, not the local run, is what the page shows
-    page = rows(tmp / "lb" / "tiny-5t__tiny.md")["head_only"]
+    # the published record, not the local run, is what the local page shows
+    page = rows(tmp / "local" / "tiny-5t__tiny.md")["head_only"]
     pub = [json.loads(s)["metrics"]["faa"] for s in lines]
     assert pm(page["FAA"])[0] == pytest.approx(round(sum(pub) / 2, 2))
 
@@ -213,7 +214,7 @@ def test_reproduction_flags_a_changed_default_configuration():
 def test_seeds_must_be_positive_and_nothing_is_touched(env, capsys):
     tmp, args = env
     publish(published_world(), tmp / "records")
-    assert run_suite.main(["report", *page_options(tmp)]) == 0
+    assert run_suite.main(["report", "--published", *page_options(tmp)]) == 0
     first = snapshot(tmp / "lb")
     for bad in ("0", "-1"):
         assert run_suite.main(args + ["--seeds", bad]) == 2
@@ -226,3 +227,186 @@ def test_merge_published_wins():
     local = dict(pub, metrics={**pub["metrics"], "faa": 1.0})
     merged = merge([pub], [local, make_record(seed=1)])
     assert len(merged) == 2 and merged[0]["_published"] and merged[0]["metrics"]["faa"] == pub["metrics"]["faa"]
+
+
+# ------------------------------------------------------------------------------ issue 19
+
+PLUGIN = '''"""A plugin: the lower bound's learner, entered as a method."""
+from methods import register
+from methods.head_only import HeadOnly
+
+VERSION = 1  # what the tests edit: a change of the plugin's source
+
+
+@register("mine")
+class Mine(HeadOnly):
+    role = "method"
+    DEFAULTS = {"*": {"epochs": 1}}
+'''
+
+
+def git(repo: Path, *argv: str) -> str:
+    import subprocess
+
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *argv], cwd=repo, check=True,
+                          capture_output=True, text=True).stdout
+
+
+def fresh_process(name: str) -> None:
+    """Forget a plugin as a new `run_suite.py` process would not know it (a test runs every command
+    in one process, where the module of a plugin file is imported once)."""
+    import sys
+
+    from methods import registry
+
+    module = registry.get(name).__module__
+    registry._REGISTRY.pop(name)
+    sys.modules.pop(module)
+
+
+@pytest.fixture()
+def plugin_world(tmp_path, monkeypatch):
+    """A clone-like git repository whose published records are `published_world`'s (fmnist-5t has
+    smope, vq, l2p, coda and my_plugin over 5 seeds), its committed pages rendered from them and
+    committed, run from its root with the default folders; tiny Fashion-MNIST and a plugin file
+    outside it. The registry is restored after the test."""
+    from leaderboard import layout
+    from methods import registry
+
+    registry.names()
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    for name in ("RECORDS_DIR", "LOCAL_PAGES_DIR"):  # the defaults, not conftest's folders
+        monkeypatch.setattr(layout, name, Path(*{"RECORDS_DIR": ("leaderboard", "records"),
+                                                  "LOCAL_PAGES_DIR": ("results", "leaderboard")}[name]))
+    clone = tmp_path / "clone"
+    (clone / "leaderboard").mkdir(parents=True)
+    (clone / ".gitignore").write_text((Path(run_suite.__file__).parent / ".gitignore").read_text())
+    publish(published_world(), clone / "leaderboard" / "records")
+    monkeypatch.chdir(clone)
+    assert run_suite.main(["report", "--published"]) == 0
+    git(clone, "init", "-q")
+    git(clone, "add", "-A")
+    git(clone, "commit", "-qm", "published")
+    write_fashion_mnist(tmp_path / "data" / "fashion-mnist", train_per_class=12, test_per_class=4)
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "mine.py").write_text(PLUGIN)
+    sweep = ["--plugin", str(tmp_path / "plugins" / "mine.py"), "--methods", "mine", "--seeds", "2",
+             "--data-root", str(tmp_path / "data"), "--quiet", "--threads", "1", "--workers", "1"]
+    return clone, sweep
+
+
+def holm_family(md: str) -> str:
+    return md.split("The Holm family is the ")[1].split(".")[0]
+
+
+def test_a_plugin_sweep_changes_no_tracked_file_and_only_publishing_changes_the_pages(plugin_world, capsys):
+    clone, sweep = plugin_world
+    committed = (clone / "leaderboard" / "fmnist-5t__tiny.md").read_text()
+    holm_before = {r["method"]: r["p (Holm)"] for r in parse_tables(committed)[1]}
+
+    assert run_suite.main(sweep + ["--store", "scratch.sqlite"]) == 0
+    out = capsys.readouterr().out
+    # every tracked file as it was, and nothing new under leaderboard/ (the run logs go beside the store)
+    assert git(clone, "status", "--porcelain", "--untracked-files=no") == ""
+    assert git(clone, "status", "--porcelain", "leaderboard") == ""
+    assert "local pages:" in out and "results/leaderboard/" in out  # where the local pages went
+    local = (clone / "results" / "leaderboard" / "fmnist-5t__tiny.md").read_text()
+    assert "mine (local)" in rows(clone / "results" / "leaderboard" / "fmnist-5t__tiny.md")
+    note = next(line for line in local.splitlines() if line.startswith("> **Local pages"))
+    assert "mine (local)" in note
+    assert "mine (local)" in holm_family(local)  # a local page may test its local rows, marked
+    assert "2 run(s) of the local store are not published" in (
+        clone / "results" / "leaderboard" / "README.md").read_text()
+
+    # report renders the local pages too; report --published is a no-op here
+    assert run_suite.main(["report", "--store", "scratch.sqlite"]) == 0
+    assert run_suite.main(["report", "--published"]) == 0
+    assert git(clone, "status", "--porcelain", "--untracked-files=no") == ""
+
+    # publishing changes the committed pages: the row, unmarked, and now in the Holm family
+    assert run_suite.main(["publish", "--store", "scratch.sqlite"]) == 0
+    changed = git(clone, "status", "--porcelain")
+    assert " M leaderboard/fmnist-5t__tiny.md" in changed and "leaderboard/records/fmnist-5t__tiny.jsonl" in changed
+    after = (clone / "leaderboard" / "fmnist-5t__tiny.md").read_text()
+    assert "mine" in rows(clone / "leaderboard" / "fmnist-5t__tiny.md") and "(local)" not in after
+    assert "mine" in holm_family(after)
+    assert holm_before != {r["method"]: r["p (Holm)"] for r in parse_tables(after)[1] if r["method"] != "mine"}
+
+
+def test_the_holm_family_of_a_committed_page_holds_published_rows_only(tmp_path):
+    """Rendered as `publish` and `report --published` render them, the committed pages get no local
+    run; given local runs (the local pages), every row of them is marked, in the family too."""
+    world = published_world()
+    local = recs_for({"mine": [0.5, 0.1, 0.9, 0.3, 0.2]})
+    render_all(world, (), tmp_path / "committed", figures=False)
+    render_all(world, local, tmp_path / "local", figures=False)
+    committed = (tmp_path / "committed" / "fmnist-5t__tiny.md").read_text()
+    assert "mine" not in committed
+    family = holm_family(committed)
+    assert all(r["method"] in family for r in parse_tables(committed)[1])
+    marked = (tmp_path / "local" / "fmnist-5t__tiny.md").read_text()
+    assert "mine (local)" in holm_family(marked)
+    labels = {r["method"] for r in parse_tables(marked)[0]}
+    assert "mine (local)" in labels and "mine" not in labels
+
+
+def test_a_changed_method_reruns_its_stale_runs_and_nothing_else(plugin_world, capsys, monkeypatch):
+    """A stored run is reused only if the code that made it is the code of now (its record's code
+    hash): an unchanged tree reruns nothing, a changed plugin file reruns its runs and says so, a
+    run that recorded no code reruns, --rerun reruns everything; the reproduction line then compares
+    the new numbers with the published ones."""
+    from protocols import executors
+
+    clone, sweep = plugin_world
+    store = ["--store", "scratch.sqlite"]
+    assert run_suite.main(sweep + store) == 0
+    first = {r["key"]: r for r in RunStore(clone / "scratch.sqlite").records()}
+    assert len(first) == 2
+    code = next(iter(first.values()))["code"]
+    assert code["plugin"] == {"file": "mine.py"} and "plugin:mine.py" in code["files"]
+    assert "methods.head_only" in code["files"] and "protocols.runner" in code["files"]
+    assert "methods.smope" not in code["files"]  # another method's module is not this run's code
+    assert len(code["commit"] or "") in (0, 40) and code["dirty"] in (None, True, False)
+    assert run_suite.main(["publish", *store]) == 0
+    git(clone, "add", "-A", "leaderboard")
+    git(clone, "commit", "-qm", "publish mine")
+    capsys.readouterr()
+
+    # an unchanged tree reruns nothing
+    calls = []
+    real_run = executors.run
+    monkeypatch.setattr(executors, "run", lambda *a, **k: calls.append(a) or real_run(*a, **k))
+    assert run_suite.main(sweep + store) == 0
+    assert capsys.readouterr().out.startswith("2 runs planned, 2 already in scratch.sqlite, 0 to run\n")
+    assert calls == []
+
+    # the plugin's source changes: its runs are stale, run again, and compared with the published ones
+    plugin = Path(sweep[1])
+    plugin.write_text(plugin.read_text().replace("VERSION = 1", "VERSION = 2"))
+    fresh_process("mine")
+    assert run_suite.main(sweep + store) == 0
+    out = capsys.readouterr().out
+    assert "2 runs planned, 0 already in scratch.sqlite, 2 to run" in out
+    assert "2 stale run(s) run again: code changed: plugin:mine.py" in out
+    assert "ran 2 stored run(s) again:" in out and "reproduced 2/2 published runs" in out
+    assert len(calls) == 2
+    again = {r["key"]: r for r in RunStore(clone / "scratch.sqlite").records()}
+    assert set(again) == set(first)  # the run keys stay the resolved specs'
+    assert all(r["code"]["sha256"] != code["sha256"] for r in again.values())
+
+    # a stored run that recorded no code (made before the field): its code cannot be known, it runs
+    scratch = RunStore(clone / "scratch.sqlite")
+    old = next(iter(again.values()))
+    # (an old run has no seal either: both fields came after it)
+    scratch.put({k: v for k, v in old.items() if k not in ("code", "record_sha256")})
+    calls.clear()
+    assert run_suite.main(sweep + store) == 0
+    assert "1 stale run(s) run again: made before runs recorded their code" in capsys.readouterr().out
+    assert len(calls) == 1
+
+    # --rerun runs everything, and says why
+    calls.clear()
+    assert run_suite.main(sweep + store + ["--rerun"]) == 0
+    out = capsys.readouterr().out
+    assert "2 to run" in out and "2 stored run(s) run again: --rerun" in out and len(calls) == 2
+    assert git(clone, "status", "--porcelain", "--untracked-files=no") == ""  # no sweep wrote a tracked file

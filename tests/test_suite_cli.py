@@ -23,7 +23,7 @@ def env(tmp_path):
                      "methods:\n  head_only: {epochs: 1}\n  joint: {epochs: 1}\n")
     args = ["--protocols", str(proto), "--data-root", str(tmp_path / "data"),
             "--store", str(tmp_path / "runs.sqlite"), "--leaderboard-dir", str(tmp_path / "lb"),
-            "--quiet", "--workers", "1"]
+            "--local-leaderboard-dir", str(tmp_path / "local"), "--quiet", "--workers", "1"]
     return tmp_path, args
 
 
@@ -44,9 +44,13 @@ def test_sweep_stores_runs_renders_and_resumes(env, monkeypatch):
     joint = [r for r in records if r["method"] == "joint"][0]
     final = joint["acc_matrix"][0][4]  # one model: task 0 is judged among more classes as tasks come
     assert all(joint["acc_matrix"][0][i] >= final for i in range(5))
-    page = (tmp / "lb" / "tiny-5t__tiny.md").read_text()
-    assert "head_only" in page and "joint" in page
-    assert "tiny-5t__tiny.md" in (tmp / "lb" / "README.md").read_text()
+    page = (tmp / "local" / "tiny-5t__tiny.md").read_text()  # not published: the local pages, marked
+    assert "head_only (local)" in page and "joint (local)" in page
+    assert "tiny-5t__tiny.md" in (tmp / "local" / "README.md").read_text()
+    assert not (tmp / "lb").exists()  # a sweep never writes the committed pages
+    for r in records:  # what ran, and what one run costs, counted
+        assert len(r["code"]["sha256"]) == 64 and f"methods.{r['method']}" in r["code"]["files"]
+        assert r["run_gflops"]["total"] == pytest.approx(sum(r["run_gflops"][k] for k in ("train", "stages", "eval")))
 
     calls = []
     monkeypatch.setattr(executors, "run", lambda *a, **k: calls.append(a) or pytest.fail("re-ran"))
@@ -154,7 +158,8 @@ def test_ctrl_c_in_a_long_command_is_one_line_and_exit_130(monkeypatch, capsys, 
     def interrupted(*args, **kw):
         raise KeyboardInterrupt
     monkeypatch.setattr(importlib.import_module(module), function, interrupted)
-    assert run_suite.main([command, "--store", str(tmp_path / "runs.sqlite"), "--no-render"]) == 130
+    store = ["--store", str(tmp_path / "runs.sqlite")] if command == "smoke" else []  # profile stores no run
+    assert run_suite.main([command, *store, "--no-render"]) == 130
     err = capsys.readouterr().err.strip()
     assert err.startswith("interrupted:") and "\n" not in err and "Traceback" not in err
 
