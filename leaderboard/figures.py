@@ -694,9 +694,14 @@ def batch_size_curves(curves: Sequence[Mapping[str, Any]], path: str | Path, tit
     return _draw_once("batch_size_curves", payload, path, lambda: _draw_batch_sizes(items, title, reference_batch))
 
 
+#: Each test behaviour's colour on the batch-size figures, the same on every one (per sample black;
+#: another mode set: `colour_of` its name).
+BEHAVIOUR_COLOURS = {"per sample": "#000000", "batch_vote": LADDER_COLOURS[0], "prefix_mixing": LADDER_COLOURS[1],
+                     "batch_vote + prefix_mixing": LADDER_COLOURS[2]}
+
+
 def _draw_batch_sizes(items: list[dict], title: str, reference_batch: int | None) -> Figure:
-    behaviours = sorted({c["behaviour"] for c in items if c["behaviour"] != "per sample"})
-    colors = {"per sample": "black", **_colors(behaviours)}
+    colors = {c["behaviour"]: BEHAVIOUR_COLOURS.get(c["behaviour"]) or colour_of(c["behaviour"]) for c in items}
     trained = list(dict.fromkeys(c["trained"] for c in items))
     styles = {t: s for t, s in zip(trained, ["-", "--", ":", "-."] * (len(trained) // 4 + 1))}
     fig = Figure(figsize=(7.2, 4.2))
