@@ -217,7 +217,8 @@ def _as_the_code(configs: list[_Config], ref_modes: tuple[str, ...], ref_batch: 
             seeds = sorted(set(code) & set(suite))
             if not seeds:
                 continue
-            key, faithful, as_code = f"{method}|{table}|{rung.name}", f"{first.name}, per sample", f"{rung.name}, as the code"
+            key = f"{method}|{table}|{rung.name}"
+            faithful, as_code = f"{first.name}, per sample", f"{rung.name}, as the code"
             pseudo = [_pseudo(key, protocol, backbone, faithful, s, suite[s]) for s in seeds]
             pseudo += [_pseudo(key, protocol, backbone, as_code, s, code[s]) for s in seeds]
             t = paired_tests(pseudo, reference_label=faithful)

@@ -160,6 +160,7 @@ class ReferenceEvaluation:
                              "acc_matrix": self.acc[ev], "metrics": summarize(self.acc[ev])}
                             for ev in self.plan],
             "timings": {"run_s": total, "reference_s": round(self.seconds, 3)},
+            **({"code": run_record["code"]} if "code" in run_record else {}),
         }
         validate_reference(out)  # exactly REFERENCE_FIELDS, each well formed
         return out

@@ -20,8 +20,8 @@ from typing import Any
 
 from .record import RecordError
 
-__all__ = ["REFERENCE_FIELDS", "EVALUATION_FIELDS", "REFERENCE_KEY", "DATASET_ORDER", "PER_SAMPLE",
-           "reference_problems", "validate_reference", "mode_set_name"]
+__all__ = ["REFERENCE_FIELDS", "OPTIONAL_REFERENCE_FIELDS", "EVALUATION_FIELDS", "REFERENCE_KEY", "DATASET_ORDER",
+           "PER_SAMPLE", "reference_problems", "validate_reference", "mode_set_name"]
 
 #: Every field of a reference record, with what it holds.
 REFERENCE_FIELDS: dict[str, str] = {
@@ -45,9 +45,12 @@ REFERENCE_FIELDS: dict[str, str] = {
     "device": "the device of the re-run ('cuda:0 (<GPU name>)', 'cpu')",
     "threads": "torch CPU threads of the re-run",
     "versions": "python, torch, timm, avalanche, promptcl of the re-run",
+    "code": "the code that ran (the run record's `code`: protocols.code_identity), when it has one",
     "timings": "{run_s: the run without the re-evaluations, reference_s: the re-evaluations}",
     "created": "when the re-run ended (ISO 8601, UTC, seconds)",
 }
+#: The fields a reference record may lack (a run record made before it had a code identity).
+OPTIONAL_REFERENCE_FIELDS: tuple[str, ...] = ("code",)
 #: The fields of one evaluation of a reference record.
 EVALUATION_FIELDS: dict[str, str] = {
     "modes": "the reference modes on, sorted ([] = per sample, the suite's evaluation)",
@@ -98,7 +101,7 @@ def reference_problems(record: Mapping[str, Any]) -> list[str]:
     if not isinstance(record, Mapping):
         return [f"a reference record must be a dict, got {type(record).__name__}"]
     problems: list[str] = []
-    missing = [f for f in REFERENCE_FIELDS if f not in record]
+    missing = [f for f in REFERENCE_FIELDS if f not in record and f not in OPTIONAL_REFERENCE_FIELDS]
     unknown = sorted(set(record) - set(REFERENCE_FIELDS))
     if missing:
         problems.append(f"missing fields {missing}")
