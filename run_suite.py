@@ -16,6 +16,7 @@
     python run_suite.py cost --protocols cifar100-10t --backbones sup21k --random-init
     python run_suite.py profile --protocols cifar100-10t --backbones sup21k   # images/s here
     python run_suite.py smoke --tasks 2 --protocols cifar100-10t   # the real path, quickly
+    python run_suite.py reference --methods l2p --seeds 5   # re-evaluated as the public code evaluates
 
 Each command takes its own options (`run_suite.py COMMAND --help`) and refuses any other. Options
 without a command are a sweep's (`run_suite.py --methods all --seeds 5` is `run_suite.py sweep
@@ -176,6 +177,11 @@ def options() -> dict[str, tuple[tuple[str, ...], dict]]:
         "rerun": (("--rerun",), dict(
             action="store_true", help="run every planned run again, also those stored by the code of now (a "
                                       "stored run whose code changed runs again anyway)")),
+        "batch_sizes": (("--batch-sizes",), dict(
+            default="16,64", metavar="B,B,...",
+            help="test batch sizes of the re-evaluations under the methods' reference modes, besides each "
+                 "reference configuration's own and batch 1 (reference: 16,64 unless given; smoke: none unless "
+                 "given)")),
     }
 
 
@@ -344,7 +350,8 @@ def render_published(args) -> None:
     check_output_dir(out, "--leaderboard-dir")
     published = load_published(records_dir(args))
     res = render_all(published, (), out, profiles=load_measurements(profiles_dir(args)),
-                     smoke=load_measurements(smoke_dir(args)), run_costs=run_costs(published))
+                     smoke=load_measurements(smoke_dir(args)), run_costs=run_costs(published),
+                     reference=reference_records(records_dir(args), None, published, []))
     print(f"committed pages: {len(published)} published runs -> {len(res)} files in {out}/ "
           f"({len(res.changed)} changed, {len(res.removed)} removed)")
 
@@ -362,10 +369,24 @@ def render_local(args) -> None:
     keys = {p["key"] for p in published}
     local = [r for r in local_records(args) if r["key"] not in keys and r.get("status", "ok") == "ok"]
     res = render_all(published, local, out, profiles=load_measurements(profiles_dir(args)),
-                     smoke=load_measurements(smoke_dir(args)), run_costs=run_costs(published + local))
+                     smoke=load_measurements(smoke_dir(args)), run_costs=run_costs(published + local),
+                     reference=reference_records(records_dir(args), args.store, published, local))
     print(f"local pages: {len(published)} published + {len(local)} local runs{' (marked local)' if local else ''} "
           f"-> {len(res)} files in {out}/ ({len(res.changed)} changed, {len(res.removed)} removed); the committed "
           f"pages in {pages_dir(args)}/ change only by `publish`")
+
+
+def reference_records(records: Path, store: str | None, published: list[dict], local: list[dict]) -> list[dict]:
+    """The published reference records (each checked against its published run) and, given the
+    local `store`, those beside it not published yet (checked against its runs or the published ones)."""
+    from leaderboard.reference_records import load_reference, local_reference_file, reference_dir
+
+    out = load_reference([reference_dir(records)], published)
+    if store is None:
+        return out
+    done = {r["key"] for r in out}
+    mine = load_reference([local_reference_file(store)], [*published, *local], "published or local")
+    return out + [r for r in mine if r["key"] not in done]
 
 
 def sweep_request(args):
@@ -621,11 +642,14 @@ def backbones_option(args) -> str | list[str]:
 
 # ------------------------------------------------------------------------------------ results
 
-@command("publish", "add the complete runs of the local store (or of STORE, e.g. one made on a cluster) to the "
-                    "published records, then render the committed pages (and the local ones)", ("source",) + PAGES)
+@command("publish", "add the complete runs of the local store (or of STORE, e.g. one made on a cluster) and their "
+                    "reference records to the published records, then render the committed pages (and the local "
+                    "ones)", ("source",) + PAGES)
 def cmd_publish(args) -> None:
     from leaderboard.output import check_output_dir
-    from leaderboard.records import publish
+    from leaderboard.records import load_published, publish
+    from leaderboard.reference_records import (local_reference_file, plan_reference, publish_reference,
+                                               read_reference, reference_dir)
     from leaderboard.store import RunStore, StoreError
 
     path = args.source or args.store
@@ -636,11 +660,22 @@ def cmd_publish(args) -> None:
         raise StoreError(f"{flag} {path}: no run store there, nothing to publish")
     check_output_dir(records_dir(args), "--records-dir")  # every output is checked before anything is written
     check_pages_dir(args, committed=True)
-    res = publish(RunStore(path, flag=flag).records(), records_dir(args), source=str(path))
+    runs = RunStore(path, flag=flag).records()
+    # the store's reference records (`reference`) go with its runs: checked first, all or nothing
+    ref_file, ref_dir = local_reference_file(path), reference_dir(records_dir(args))
+    pending = [r for r, _ in read_reference(ref_file)] if ref_file.is_file() else []
+    plan_reference(pending, ref_dir, [*load_published(records_dir(args)),
+                                      *(r for r in runs if r.get("status", "ok") == "ok")], str(ref_file))
+    res = publish(runs, records_dir(args), source=str(path))
     print(f"published {len(res.added)} new run(s) to {records_dir(args)} "
           f"({res.already} already published, {res.not_ok} failed run(s) left out)")
     for f in res.files:
         print(f"  {f}")
+    if pending:
+        ref = publish_reference(pending, ref_dir, load_published(records_dir(args)), str(ref_file))
+        print(f"published {len(ref.added)} new reference record(s) to {ref_dir} ({ref.already} already published)")
+        for f in ref.files:
+            print(f"  {f}")
     if not args.no_render:
         render_published(args)
         render_local(args)
@@ -721,11 +756,12 @@ def cmd_profile(args) -> None:
 @command("smoke", "the real-shape dry run: every method through every task of the real protocols on ViT-B/16 "
                   "with random weights and synthetic files in the real formats, epochs lowered to 1 (hours on "
                   "a CPU); its records in leaderboard/smoke/, its runs in their own store",
-         ("protocols", "methods", "tasks", "device", "threads", "eval_batch_size", "verbose", "plugin", "store")
-         + COMMITTED_PAGES, protocols="real", store="results/smoke.sqlite")
+         ("protocols", "methods", "tasks", "device", "threads", "eval_batch_size", "verbose", "plugin", "store",
+          "batch_sizes") + COMMITTED_PAGES, protocols="real", store="results/smoke.sqlite", batch_sizes=None)
 def cmd_smoke(args) -> int:
     """Run the dry run, keep one smoke record per run and re-render; exit 1 if a run did not complete."""
     from leaderboard.records import add_measurements
+    from leaderboard.reference_records import add_reference, local_reference_file
     from leaderboard.store import RunStore
     from protocols.devices import check_device, device_slug
     from protocols.record import REAL_PROTOCOLS
@@ -734,13 +770,17 @@ def cmd_smoke(args) -> int:
     check_device(args.device)
     check_pages_dir(args, committed=True, local=False)
     protocols = list(REAL_PROTOCOLS) if args.protocols == "real" else split(args.protocols)
+    sizes = batch_sizes(args.batch_sizes) if args.batch_sizes else ()
     store = RunStore(args.store)
     store.check_writable()
     done = []
     for smoke in run_smoke(protocols, method_list(args), store=store, tasks=args.tasks, device=args.device,
                            threads=args.threads or 1, eval_batch_size=args.eval_batch_size,
-                           quiet=not args.verbose):
+                           quiet=not args.verbose, reference_batch_sizes=sizes):
         print(smoke.line(), flush=True)
+        if smoke.reference is not None:  # beside the smoke store's runs, never published
+            print(reference_line(smoke.reference), flush=True)
+            add_reference([smoke.reference], local_reference_file(args.store))
         add_measurements([smoke.smoke], smoke_dir(args) / f"{device_slug(smoke.smoke['device'])}.jsonl")
         done.append(smoke)
     complete = sum(s.smoke["complete"] for s in done)
@@ -755,6 +795,95 @@ def cmd_smoke(args) -> int:
 def cmd_list(args) -> None:
     from protocols.catalog import listing
     print(listing())
+
+
+# ------------------------------------------------------------------------------------ reference behaviours
+
+@command("reference", "train runs again and, after every task, evaluate each trained model as its method's public "
+                      "code evaluates (its reference modes: batch vote, prefix mixing) at several test batch sizes; "
+                      "the reference records go beside the store (<store>.reference.jsonl), `publish` publishes "
+                      "them with the runs, the pages show them (reference-behaviours.md)",
+         WHAT + HOW + PAGES + ("batch_sizes",))
+def cmd_reference(args) -> int:
+    """Methods default to every method with reference modes; a run whose key already has a reference
+    record (published, or beside the store) is not run again; a re-run whose per-sample matrix
+    differs from its key's published or stored record is kept nowhere (exit 1)."""
+    from leaderboard.records import load_published, reproduction
+    from leaderboard.reference_records import (ReferenceStore, load_reference, local_reference_file, read_reference,
+                                               reference_dir)
+    from leaderboard.store import RunStore
+    from protocols.reference_eval import affected_methods, check_methods
+    from protocols.sweep import keyed, plan
+
+    request = sweep_request(args)
+    if list(request.methods) == ["all"]:
+        request = replace(request, methods=affected_methods())
+    specs = keyed(plan(request))
+    check_methods([s.method for s, _ in specs])
+    options = replace(check_sweep(args), reference_batch_sizes=batch_sizes(args.batch_sizes))
+    require_inputs([s for s, _ in specs], options)
+    published = load_published(records_dir(args))
+    done = {r["key"] for r in load_reference([reference_dir(records_dir(args))], published)}
+    mine = local_reference_file(args.store)
+    done |= {r["key"] for r, _ in read_reference(mine)} if mine.is_file() else set()
+    store = RunStore(args.store)
+    todo = [s for s, k in specs if k not in done]
+    executor, executor_kw = executor_for(args, len(todo))
+    options = replace(options, progress=executor == "local" and not args.quiet and sys.stderr.isatty())
+    print(f"{len(specs)} runs planned, {len(specs) - len(todo)} already have reference records, {len(todo)} to "
+          f"run" + (f" in {executor_kw['workers']} worker processes" if executor_kw.get("workers", 1) > 1 else ""),
+          flush=True)
+    if todo:
+        store.check_writable()
+    keeper = ReferenceStore(store, mine, {r["key"]: r for r in published})
+    try:
+        failed = execute(args, todo, keeper, options, executor, executor_kw)
+    except Interrupted as e:
+        print(f"\ninterrupted: {len(keeper.added)} reference record(s) kept in {mine}; rerun the same command "
+              "to resume", file=sys.stderr)
+        return 130
+    print_failures(failed, log_dir(args))
+    for ref in keeper.added:
+        print(reference_line(ref))
+    for old, new in keeper.refused:
+        print(f"not kept: {new['label']} seed {new['seed']} (key {new['key'][:12]}) did not reproduce its recorded "
+              f"run: FAA {old['metrics']['faa']:.2f} recorded, {new['metrics']['faa']:.2f} here; its reference "
+              "record would not describe the recorded model")
+    rerun = [r for r in (store.get(ref["key"]) for ref in keeper.added) if r is not None]
+    for line in reproduction(rerun + [n for _, n in keeper.refused], published).lines():
+        print(line)
+    print(f"{len(keeper.added)} reference record(s) added to {mine}; `python run_suite.py publish` publishes them "
+          "with their runs")
+    if not args.no_render:
+        render_local(args)
+    return 1 if failed or keeper.refused else 0
+
+
+def batch_sizes(value: str) -> tuple[int, ...]:
+    """`--batch-sizes 16,64` -> (16, 64); SweepError for anything else."""
+    from protocols.errors import SweepError
+    from protocols.reference_eval import check_batch_sizes
+
+    try:
+        sizes = tuple(int(b) for b in split(value))
+    except ValueError:
+        raise SweepError(f"--batch-sizes takes a comma list of test batch sizes, e.g. 16,64; got {value!r}") from None
+    if not sizes:
+        raise SweepError("--batch-sizes takes a comma list of test batch sizes, e.g. 16,64; got none")
+    check_batch_sizes(sizes)
+    return sizes
+
+
+def reference_line(ref: dict) -> str:
+    """One line per re-evaluated run: its FAA per sample, then under each mode set by batch size."""
+    from protocols.reference_record import mode_set_name
+
+    by_set: dict[str, list[str]] = {}
+    for ev in ref["evaluations"]:
+        by_set.setdefault(mode_set_name(ev["modes"]), []).append(f"@{ev['batch_size']} {ev['metrics']['faa']:.2f}")
+    return (f"{ref['protocol']:<14} {ref['backbone']:<7} {ref['label']:<14} seed {ref['seed']}: FAA "
+            + " | ".join(f"{name} {' '.join(cells)}" for name, cells in by_set.items())
+            + f"  (+{ref['timings']['reference_s']:.0f} s)")
 
 
 # ------------------------------------------------------------------------------------ main

@@ -15,13 +15,13 @@ from .cub200 import load_cub200
 from .facts import DATASET_FACTS, DatasetFacts, dataset_facts
 from .fashion_mnist import load_fashion_mnist
 from .imagenet_r import CODA_SPLIT_SHA256, load_imagenet_r
-from .streams import (DATASETS, SUBSAMPLE_SEED, StreamInfo, build_stream, class_order, classes_per_exp,
-                      subsample_indices, unused_indices)
+from .streams import (DATASETS, SAMPLE_INDEX, SUBSAMPLE_SEED, StreamInfo, build_stream, class_order,
+                      classes_per_exp, subsample_indices, unused_indices)
 from .transforms import build_transforms
 
 __all__ = [
     "CODA_SPLIT_SHA256", "DATASETS", "DATASET_FACTS", "DataError", "DataNotFoundError", "DatasetFacts",
-    "LoadedData", "StreamInfo", "SUBSAMPLE_SEED", "build_stream", "build_transforms", "class_order",
+    "LoadedData", "SAMPLE_INDEX", "StreamInfo", "SUBSAMPLE_SEED", "build_stream", "build_transforms", "class_order",
     "classes_per_exp", "load_cifar100", "load_cub200",
     "load_fashion_mnist", "load_imagenet_r", "subsample_indices", "unused_indices",
 ]

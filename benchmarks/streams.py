@@ -29,6 +29,12 @@ DATASETS: dict[str, str] = {
     "cub200": "CUB-200-2011: 200 bird species, official train_test_split.txt (5,994/5,794)",
 }
 CLASS_ORDERS = ("shuffled", "natural")
+#: The data attribute of every stream sample holding its index in the reader's data set (before any
+#: subsampling): the data set's own order, which the reference codes batch test images in (within a
+#: task: CIFAR-100's and Fashion-MNIST's test-file order, CUB-200's ``images.txt`` order, the
+#: ImageNet-R split's test list order). An experience's samples are grouped by class instead;
+#: ``exp.dataset.sample_index`` recovers the data set's order without changing the stream.
+SAMPLE_INDEX = "sample_index"
 #: Seed of the per-class subsample permutation; fixed so the subset never depends on the run seed.
 SUBSAMPLE_SEED = 12345
 
@@ -163,6 +169,7 @@ def build_stream(dataset: str, *, data_root: str | os.PathLike | None = None, se
     sub = _parse_subsample(subsample)
     data = _load(dataset, data_root, split, split_file, download, system_copy)
     train, test = data.train, data.test
+    index = {"train": list(range(len(train))), "test": list(range(len(test)))}  # SAMPLE_INDEX
 
     if isinstance(train, ArrayImageDataset):
         # no resize / crop / flip -> uint8 tensors straight to the float conversion, no PIL
@@ -170,9 +177,11 @@ def build_stream(dataset: str, *, data_root: str | os.PathLike | None = None, se
         train, test = train.with_mode(mode), test.with_mode(mode)
     if sub is not None:
         if sub["train_per_class"] is not None:
-            train = train.subset(subsample_indices(train.targets, sub["train_per_class"]))
+            index["train"] = subsample_indices(train.targets, sub["train_per_class"])
+            train = train.subset(index["train"])
         if sub["test_per_class"] is not None:
-            test = test.subset(subsample_indices(test.targets, sub["test_per_class"]))
+            index["test"] = subsample_indices(test.targets, sub["test_per_class"])
+            test = test.subset(index["test"])
 
     num_classes = data.num_classes
     for name, ds in (("train", train), ("test", test)):
@@ -188,7 +197,7 @@ def build_stream(dataset: str, *, data_root: str | os.PathLike | None = None, se
     t_tr, t_ev = build_transforms(image_size, in_chans, mean if mean is not None else (0.0,),
                                   std if std is not None else (1.0,), augment, eval_resize,
                                   native_size=train.native_size)
-    benchmark = _avalanche_benchmark(train, test, t_tr, t_ev, order, counts)
+    benchmark = _avalanche_benchmark(train, test, t_tr, t_ev, order, counts, index)
 
     # whole data: the reader's own hash (for ImageNet-R the split list's sha256); subsampled: that
     # hash combined with the subsample spec, which with the fixed seed determines the subset
@@ -207,15 +216,18 @@ def build_stream(dataset: str, *, data_root: str | os.PathLike | None = None, se
     )
 
 
-def _avalanche_benchmark(train, test, t_tr, t_ev, order: list[int], counts: list[int]):
+def _avalanche_benchmark(train, test, t_tr, t_ev, order: list[int], counts: list[int],
+                         index: Mapping[str, list[int]]):
     from avalanche.benchmarks.scenarios.supervised import class_incremental_benchmark
     from avalanche.benchmarks.utils import DataAttribute, TransformGroups, make_avalanche_dataset
 
-    def wrap(ds):
+    def wrap(ds, original: list[int]):
+        # SAMPLE_INDEX is never returned by __getitem__: batches and their order are unchanged
         return make_avalanche_dataset(
-            ds, data_attributes=[DataAttribute(ds.targets, "targets")],
+            ds, data_attributes=[DataAttribute(ds.targets, "targets"), DataAttribute(original, SAMPLE_INDEX)],
             transform_groups=TransformGroups({"train": t_tr, "eval": t_ev}))
 
     # the test side starts in the eval group so iterating test_stream by hand never augments
-    return class_incremental_benchmark({"train": wrap(train), "test": wrap(test).eval()},
+    return class_incremental_benchmark({"train": wrap(train, index["train"]),
+                                        "test": wrap(test, index["test"]).eval()},
                                        class_order=order, num_classes_per_exp=counts)

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Drawn", "FIGURE_VERSION", "stored_digest", "SeenCurve", "seen_class_accuracy", "seen_class_curve", "faa_dots",
            "accuracy_curves", "accuracy_matrices", "tradeoff", "tradeoff_figure", "critical_difference",
-           "METHOD_COLOURS", "row_colours", "colour_of"]
+           "METHOD_COLOURS", "row_colours", "colour_of", "batch_size_curves"]
 
 #: Part of every figure's input hash: bump it whenever any drawing changes.
 FIGURE_VERSION = "2"
@@ -666,3 +666,69 @@ def _draw_cd(result: "FriedmanResult", order: list[str]) -> Figure:
     fig.text(0.5, 0.0, note, ha="center", va="top", fontsize=7, color="0.3")
     return fig
 
+
+
+# ---------------------------------------------------------------------------------------------
+# accuracy against the test batch size (the reference behaviours page)
+
+
+def batch_size_curves(curves: Sequence[Mapping[str, Any]], path: str | Path, title: str = "",
+                      reference_batch: int | None = None) -> Drawn:
+    """FAA against the test batch size (log x), one line per (trained configuration, test
+    behaviour): the mean over seeds with a ± sample std bar (none with one seed).
+
+    Each curve is {"trained": label, "behaviour": "per sample" | mode set, "points": {batch: [FAA
+    of each seed]}}. Per sample is black (flat, if results do not depend on the batch); each
+    behaviour has its own colour, each trained configuration its own line style; a dotted line
+    marks the reference configuration's test batch (`reference_batch`)."""
+    if not curves:
+        raise ValueError("batch_size_curves needs at least one curve")
+    items = []
+    for c in curves:
+        points = {int(b): sorted(float(v) for v in vals) for b, vals in c["points"].items() if vals}
+        if not points:
+            raise ValueError(f"batch_size_curves: {c['trained']!r} / {c['behaviour']!r} has no point")
+        items.append({"trained": str(c["trained"]), "behaviour": str(c["behaviour"]),
+                      "points": sorted(points.items())})
+    payload = {"title": title, "reference_batch": reference_batch, "curves": items}
+    return _draw_once("batch_size_curves", payload, path, lambda: _draw_batch_sizes(items, title, reference_batch))
+
+
+#: Each test behaviour's colour on the batch-size figures, the same on every one (per sample black;
+#: another mode set: `colour_of` its name).
+BEHAVIOUR_COLOURS = {"per sample": "#000000", "batch_vote": LADDER_COLOURS[0], "prefix_mixing": LADDER_COLOURS[1],
+                     "batch_vote + prefix_mixing": LADDER_COLOURS[2]}
+
+
+def _draw_batch_sizes(items: list[dict], title: str, reference_batch: int | None) -> Figure:
+    colors = {c["behaviour"]: BEHAVIOUR_COLOURS.get(c["behaviour"]) or colour_of(c["behaviour"]) for c in items}
+    trained = list(dict.fromkeys(c["trained"] for c in items))
+    styles = {t: s for t, s in zip(trained, ["-", "--", ":", "-."] * (len(trained) // 4 + 1))}
+    fig = Figure(figsize=(7.2, 4.2))
+    ax = fig.add_subplot()
+    for c in items:
+        xs = np.array([b for b, _ in c["points"]], dtype=float)
+        vals = [np.array(v) for _, v in c["points"]]
+        mean = np.array([v.mean() for v in vals])
+        std = np.array([v.std(ddof=1) if len(v) > 1 else 0.0 for v in vals])
+        ax.errorbar(xs, mean, yerr=std if std.any() else None, color=colors[c["behaviour"]],
+                    ls=styles[c["trained"]], marker="o", markersize=3.5, lw=1.4, capsize=2,
+                    label=f"{c['behaviour']} · {c['trained']}" if len(trained) > 1 else c["behaviour"])
+    if reference_batch:
+        ax.axvline(reference_batch, color="0.5", lw=0.8, ls=":")
+        ax.annotate(f"reference test batch {reference_batch}", (reference_batch, 1.0),
+                    xycoords=("data", "axes fraction"), xytext=(3, -10), textcoords="offset points",
+                    fontsize=7, color="0.35")
+    xs = sorted({b for c in items for b, _ in c["points"]})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(xs, [str(b) for b in xs])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("test batch size (images of one task per forward)")
+    ax.set_ylabel("FAA (%)")
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    n = max(len(v) for c in items for _, v in c["points"])
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False,
+              title=f"mean over {n} seed{'s' if n > 1 else ''}" + ("\nbar: ± sample std" if n > 1 else ""),
+              title_fontsize=8, alignment="left")
+    return fig

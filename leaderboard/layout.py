@@ -16,7 +16,8 @@ __all__ = ["PAGES_DIR", "RECORDS_DIR", "PROFILES_DIR", "SMOKE_DIR", "LOCAL_PAGES
 #: the committed pages and figures (`leaderboard/*.md`, `leaderboard/figures/`): rendered from the
 #: published records alone, by `publish` and `report --published`
 PAGES_DIR = Path("leaderboard")
-#: the published run records, `<protocol>__<backbone>.jsonl`: the results
+#: the published run records, `<protocol>__<backbone>.jsonl`: the results (their reference records,
+#: the same runs re-evaluated as the public codes evaluate, in its `reference/` subfolder)
 RECORDS_DIR = PAGES_DIR / "records"
 #: measurements kept apart from the results, `<device>.jsonl`: profile records (`profile`) ...
 PROFILES_DIR = PAGES_DIR / "profiles"

@@ -417,8 +417,9 @@ def _order(e: Mapping) -> int:
 
 
 def _comparison(entries: list[Mapping], runs_of, extra_methods: list[str], first_col: str,
-                papers: Mapping) -> list[str]:
-    """One published-vs-suite table: ``runs_of(entry_or_method)`` gives the suite's runs."""
+                papers: Mapping, linked: Mapping[str, str] | None = None) -> list[str]:
+    """One published-vs-suite table: ``runs_of(entry_or_method)`` gives the suite's runs;
+    ``linked`` ({method: page}) adds to a method's rows a note linking its reference behaviours."""
     metrics = [m for m in METRICS if any(e.get(m) is not None or m in e["missing"] for e in entries)]
     beside = [m for m in SUITE_METRICS if m in metrics and m != "faa"]
     header = [first_col, "paper's name", *[METRIC_TITLE[m] for m in metrics], "source", "suite FAA",
@@ -440,13 +441,21 @@ def _comparison(entries: list[Mapping], runs_of, extra_methods: list[str], first
             cells += [s.cell(m), s.delta(m, e and e.get(m))]
         return cells
 
+    def reference_note(method: str | None) -> str:
+        if not linked or method not in linked:
+            return ""
+        return notes.ref(f"The public code behind {method}'s numbers evaluates with a batch-dependent behaviour; "
+                         f"the suite's {method} runs evaluated that way: [reference behaviours]({linked[method]}).")
+
     for e in entries:
         runs = runs_of(e)
         rows.append([e.get("label") or e.get("method") or "none", _one_line(e["paper_name"]),
                      *[_published_cell(e, m) for m in metrics], _source_cell(e),
-                     *suite_cells(runs, e), _entry_notes(e, papers, notes)])
+                     *suite_cells(runs, e),
+                     " ".join(filter(None, [_entry_notes(e, papers, notes), reference_note(e.get("method"))]))])
     for method in extra_methods:
-        rows.append([method, "none published", *["" for _ in metrics], "", *suite_cells(runs_of(method), None), ""])
+        rows.append([method, "none published", *["" for _ in metrics], "", *suite_cells(runs_of(method), None),
+                     reference_note(method)])
     lines: list[str] = []
     lines += pipe_table(header, rows)
     if notes.texts:
@@ -511,13 +520,15 @@ def _split_section(used: list[Mapping], papers: Mapping) -> list[str]:
     return lines + [""]
 
 
-def render_papers(records: Iterable[Mapping[str, Any]], papers: Mapping | None = None) -> str:
+def render_papers(records: Iterable[Mapping[str, Any]], papers: Mapping | None = None,
+                  linked: Mapping[str, str] | None = None) -> str:
     """The markdown of ``leaderboard/papers.md``: published numbers beside the suite's runs.
 
     One table per protocol x backbone that has published numbers (plus the SMoPE ablation ladder
     and the benchmarks the suite does not run), the suite's mean ± sample std over seeds from
     usable records (status ok, no variant; table main, or ablation:smope for the ladder) and the
     difference suite minus paper; then the evaluation differences and the ImageNet-R split.
+    ``linked`` ({method: page}): the methods whose rows link their reference behaviours' page.
     """
     papers = papers if papers is not None else load_papers()
     main, ladder, used = _index(records)
@@ -554,7 +565,7 @@ def render_papers(records: Iterable[Mapping[str, Any]], papers: Mapping | None =
                 return None if method is None else main.get((proto, bb, method), [])
 
             lines += [f"## {proto} · {bb}", ""]
-            lines += _comparison(entries, runs_of, extra, "suite method", papers) + [""]
+            lines += _comparison(entries, runs_of, extra, "suite method", papers, linked) + [""]
 
     for proto in REAL_PROTOCOLS:
         for bb in REAL_BACKBONES:

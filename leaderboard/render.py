@@ -28,6 +28,8 @@ from .cost_page import render_cost
 from .output import GeneratedFiles, RenderResult
 from .papers import render_papers
 from .records import merge, usable
+from .reference_page import PAGE as REFERENCE_PAGE
+from .reference_page import render_reference
 from .stats import LOCAL_MARK
 from .tables import NO_RUNS, render_tables
 
@@ -36,20 +38,27 @@ __all__ = ["render", "render_all", "RenderResult"]
 
 def render(records: Iterable[Mapping[str, Any]], out_dir: str | Path = "leaderboard",
            reference_label: str | None = None, figures: bool = True,
-           extra_pages: Mapping[str, str] | None = None) -> RenderResult:
+           extra_pages: Mapping[str, str] | None = None,
+           reference: Iterable[Mapping[str, Any]] = ()) -> RenderResult:
     """Write one page per protocol x backbone (and per ablation), figures and README.md.
 
     `records` are run records (published ones may carry `_published: True`; see
     `records.merge`). `extra_pages` ({file name: markdown}) are written beside them and linked
-    from the index (the papers and cost pages). Returns every generated path; files whose content
-    is unchanged are not rewritten, and generated files that no record backs any more are removed.
+    from the index (the papers and cost pages). `reference`: reference records of these runs
+    (`leaderboard.reference_records`, checked), shown on `reference-behaviours.md` when there are
+    any. Returns every generated path; files whose content is unchanged are not rewritten, and
+    generated files that no record backs any more are removed.
     """
     recs = [r for r in records if r.get("status", "ok") == "ok"]
     files = GeneratedFiles(out_dir)
-    for name, text in sorted((extra_pages or {}).items()):
+    pages = dict(extra_pages or {})
+    reference = list(reference)
+    if reference:
+        pages[REFERENCE_PAGE] = render_reference(reference, recs, files, figures)
+    for name, text in sorted(pages.items()):
         files.page(name, text)
     index = render_tables(recs, files, reference_label, figures) if recs else NO_RUNS
-    files.page("README.md", index + _extra_index(extra_pages))
+    files.page("README.md", index + _extra_index(pages))
     return files.finish()
 
 
@@ -66,23 +75,28 @@ def _extra_index(extra_pages: Mapping[str, str] | None) -> str:
 def render_all(published: Iterable[Mapping[str, Any]], local: Iterable[Mapping[str, Any]] = (),
                out_dir: str | Path = "leaderboard", profiles: Iterable[Mapping[str, Any]] = (),
                smoke: Iterable[Mapping[str, Any]] = (), figures: bool = True,
-               run_costs: Mapping[str, Mapping[str, float]] | None = None) -> RenderResult:
+               run_costs: Mapping[str, Mapping[str, float]] | None = None,
+               reference: Iterable[Mapping[str, Any]] = ()) -> RenderResult:
     """The whole leaderboard into `out_dir`: the tables, the papers page and the cost page.
 
     With `local` runs (not published; the local pages), those whose key is not published join the
     published records (`records.merge`), each marked: its row's label ends with (local) and every
     page that uses one says so. Without (the committed pages), only published records are shown.
     `run_costs` ({key: run GFLOPs}, counted by `protocols.work` for records made before the
-    `run_gflops` field) fills that field where a record lacks it."""
+    `run_gflops` field) fills that field where a record lacks it. `reference`: reference records of
+    these runs (`leaderboard.reference_records`, checked) give the reference behaviours page, which
+    the papers page's rows of those methods link."""
     records = merge(published, local)
     for r in records:
         if not r.get("_published"):
             r["_local"] = True
         if "run_gflops" not in r and run_costs and r.get("key") in run_costs:
             r["run_gflops"] = dict(run_costs[r["key"]])
-    extra = {"papers.md": _with_local_note(render_papers(records), _local_used(records, papers=True)),
+    reference = list(reference)
+    linked = {r["method"]: REFERENCE_PAGE for r in reference}
+    extra = {"papers.md": _with_local_note(render_papers(records, linked=linked), _local_used(records, papers=True)),
              "cost.md": _with_local_note(render_cost(records, profiles, smoke), _local_used(records, papers=False))}
-    return render(records, out_dir, figures=figures, extra_pages=extra)
+    return render(records, out_dir, figures=figures, extra_pages=extra, reference=reference)
 
 
 def _local_used(records: Iterable[Mapping[str, Any]], papers: bool) -> int:

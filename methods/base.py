@@ -372,6 +372,30 @@ class PromptStrategy(SupervisedTemplate):
         finally:
             self.model.reference_modes = before
 
+    @torch.no_grad()
+    def accuracy(self, dataset, batch_size: int) -> float:
+        """Top-1 accuracy (%) on `dataset` (an Avalanche dataset, read with its eval transform, in
+        its own order), `batch_size` images per forward, predicted as an evaluation predicts
+        (the seen classes; the reference modes that are on), but outside Avalanche's evaluation
+        loop: no plugin, logger or metric sees it, so it can re-evaluate a trained model without
+        touching a run's record. The model's train/eval state is restored. Each pass draws one
+        seed from the global RNG (`methods.loading`): fork the RNG around it inside a run."""
+        was_training = self.model.training
+        self.model.eval()
+        right = total = 0
+        try:
+            for x, y in self.loader(dataset, batch_size=batch_size):
+                with self.autocast():
+                    logits = self.model(x)
+                pred = self.mask_logits(logits.float(), training=False).argmax(1)
+                right += int((pred == y).sum())
+                total += int(y.shape[0])
+        finally:
+            self.model.train(was_training)
+        if not total:
+            raise ValueError("accuracy of an empty dataset")
+        return 100.0 * right / total
+
     @classmethod
     def task_stages(cls, hp: Any, task: int) -> TaskStages:
         """The ViT work of task `task`'s stages beyond its epochs (`hp`: an `Hparams`); none here."""

@@ -35,6 +35,8 @@ from .cost import cost_row
 from .devices import resolve_device
 from .metrics import summarize, task_decomposition
 from .record import COST_FIELDS, complete_record, utc_now
+from .reference_eval import ReferenceEvaluation
+from .reference_record import REFERENCE_KEY
 from .schema import Protocol, available, load_protocol
 from .work import run_gflops, run_work
 
@@ -73,6 +75,10 @@ class RunOptions:
     log_dir: str | None = None  # each run's evaluation log goes to a file here (see log_path)
     progress: bool = False  # a progress bar over the run's tasks (one process, a terminal)
     loader_workers: int | None = None  # DataLoader worker processes (None: by device, methods.loading)
+    # test batch sizes at which to evaluate the trained model again under its method's reference
+    # modes after each task (protocols.reference_eval); () = none. The record then comes back with
+    # its reference record under REFERENCE_KEY, and is otherwise the same record
+    reference_batch_sizes: tuple[int, ...] = ()
 
 
 def method_hparams(method: str, protocol: Protocol, *overrides: dict[str, Any]) -> dict[str, Any]:
@@ -318,6 +324,8 @@ def _run(spec: RunSpec, options: RunOptions, stack: contextlib.ExitStack) -> dic
         T = protocol.first_tasks
         train_stream, test_stream = train_stream[:T], test_stream[:T]
     acc: list[list[float | None]] = [[None] * T for _ in range(T)]
+    reference = (ReferenceEvaluation(strategy, protocol.name, T, options.reference_batch_sizes)
+                 if options.reference_batch_sizes else None)
     tasks = stack.enter_context(tqdm(total=T, desc=f"{spec.display_label} seed {spec.seed}", unit="task",
                                      leave=False, disable=not options.progress))
     for i in strategy.fit(train_stream, test_stream):
@@ -325,6 +333,8 @@ def _run(spec: RunSpec, options: RunOptions, stack: contextlib.ExitStack) -> dic
         by_task = preds.accuracy_by_task()
         for j in range(i + 1):
             acc[j][i] = by_task[j]
+        if reference is not None:
+            reference.after_task(i, test_stream[:i + 1])
 
     per_class, final_acc = preds.per_class()
     metrics = summarize(acc)
@@ -334,17 +344,21 @@ def _run(spec: RunSpec, options: RunOptions, stack: contextlib.ExitStack) -> dic
     # the run's numbers (the counting builds parameters, which draws from the RNG)
     cost = cost_row(spec.method, backbone.vit, info.num_classes, resolved["hparams"], device=device)
     dev = str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
-    return complete_record(
+    extra_s = reference.seconds if reference is not None else 0.0  # not the run's own time
+    record = complete_record(
         record_identity(spec, protocol, resolved),
         variant=variant(spec, protocol), role=type(strategy).role, metrics=metrics, acc_matrix=acc,
         per_class_acc=per_class, class_order=info.class_order, classes_per_task=info.classes_per_task,
         cost={k: cost[k] for k in COST_FIELDS},
         timings={"train_s": round(strategy.seconds["train"], 3),
                  "eval_s": round(strategy.seconds["eval"], 3),
-                 "total_s": round(time.time() - start, 3)},
+                 "total_s": round(time.time() - start - extra_s, 3)},
         versions=versions(), backbone_sha256=backbone.sha256, backbone_source=backbone.source,
         device=dev, data_hash=info.data_hash, data_source=info.data_source,
         eval_batch_size=options.eval_batch_size,
         **({"split": {"name": info.split, "sha256": info.split_hash}} if info.split else {}),
         threads=torch.get_num_threads(), created=utc_now(), code=code,
         run_gflops=run_gflops(run_work(protocol, spec.method, resolved["hparams"]), cost))
+    if reference is not None:
+        record[REFERENCE_KEY] = reference.record(record)
+    return record

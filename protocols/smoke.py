@@ -46,7 +46,7 @@ import os
 import time
 import traceback
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,7 @@ from methods import backbones, registry
 from .devices import device_name, resolve_device
 from .errors import SweepError
 from .record import REAL_PROTOCOLS, seal_record
+from .reference_record import REFERENCE_KEY
 from .runner import RunOptions, RunSpec, method_hparams, run, versions
 from .schema import PROTOCOL_DIR, load_protocol
 from .sweep import Store
@@ -209,6 +210,7 @@ class SmokeRun:
     record: dict[str, Any] | None
     smoke: dict[str, Any]
     error: str | None = None
+    reference: dict[str, Any] | None = None  # its reference record, with `reference_batch_sizes`
 
     def line(self) -> str:
         """One line for the console."""
@@ -223,8 +225,11 @@ def run_smoke(protocols: Sequence[str] = ("all",), methods: Sequence[str] = ("al
               store: Store, data_root: str | os.PathLike = DATA_ROOT, tasks: int | None = None,
               seed: int = 0, train_per_class: int = 2, test_per_class: int = 1,
               device: str = "auto", threads: int | None = None, eval_batch_size: int = 256,
-              quiet: bool = True, backbone: str = BACKBONE) -> Iterator[SmokeRun]:
+              quiet: bool = True, backbone: str = BACKBONE,
+              reference_batch_sizes: Sequence[int] = ()) -> Iterator[SmokeRun]:
     """Run the dry run in this process, one run at a time, and yield each as it ends.
+    With `reference_batch_sizes`, each affected method's run is also re-evaluated under its
+    reference modes (`protocols.reference_eval`); its reference record comes in `SmokeRun.reference`.
 
     A complete run's record goes to `store` (anything with has/put; keep it apart from the
     results, e.g. `RunStore(STORE)`); the caller writes each `SmokeRun.smoke` (e.g.
@@ -236,6 +241,7 @@ def run_smoke(protocols: Sequence[str] = ("all",), methods: Sequence[str] = ("al
     options = RunOptions(data_root=str(data_root), weights_dir=None, device=device,
                          eval_batch_size=eval_batch_size, quiet=quiet, random_init=True,
                          threads=threads)
+    with_reference = replace(options, reference_batch_sizes=tuple(reference_batch_sizes))
     where = device_name(resolve_device(device))
     for spec in specs:
         proto = load_protocol(spec.protocol)
@@ -243,10 +249,12 @@ def run_smoke(protocols: Sequence[str] = ("all",), methods: Sequence[str] = ("al
         start = time.perf_counter()
         record, error = None, None
         try:
-            record = run(spec, options)
+            affected = reference_batch_sizes and registry.get(spec.method).REFERENCE_MODES
+            record = run(spec, with_reference if affected else options)
         except Exception as e:  # one broken method must not hide the others' results
             error = "".join(traceback.format_exception(type(e), e, e.__traceback__))
         wall = time.perf_counter() - start
+        reference = record.pop(REFERENCE_KEY, None) if record is not None else None
         complete = record is not None and is_complete(record, n_tasks)
         if complete:
             store.put(seal_record(record))
@@ -259,7 +267,9 @@ def run_smoke(protocols: Sequence[str] = ("all",), methods: Sequence[str] = ("al
                  "images_per_class": {"train": train_per_class, "test": test_per_class}}
         if record is not None:
             smoke["run_key"] = record["key"]
+        if reference is not None:
+            smoke["reference_evaluations"] = len(reference["evaluations"])
         if not complete:
             smoke["error"] = (error.strip().splitlines()[-1] if error
                               else "the run ended without a complete record")
-        yield SmokeRun(spec, record, smoke, error)
+        yield SmokeRun(spec, record, smoke, error, reference)

@@ -7,6 +7,7 @@ import run_suite
 from helpers import section_tables
 from leaderboard import layout
 from leaderboard.records import load_measurements, load_published
+from leaderboard.reference_records import load_reference, reference_dir
 from leaderboard.render import render_all
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,7 +29,7 @@ def test_the_committed_pages_are_what_the_records_render_to(tmp_path):
     published = load_published(RECORDS)
     assert published, "no published records"
     render_all(published, (), tmp_path, profiles=load_measurements(PROFILES), smoke=load_measurements(SMOKE),
-               run_costs=run_suite.run_costs(published))
+               run_costs=run_suite.run_costs(published), reference=load_reference([reference_dir(RECORDS)], published))
     fresh = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.md"))
     assert fresh and all((LEADERBOARD / p).is_file() for p in fresh)
     for p in fresh:

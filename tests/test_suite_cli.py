@@ -191,8 +191,8 @@ def test_each_command_has_its_own_options_and_defaults():
 
 
 @pytest.mark.parametrize("argv, says", [
-    (["report", "--seeds", "3"], "report does not take --seeds (sweep, dry-run take it"),
-    (["export", "runs.csv", "--data-root", "data"], "export does not take --data-root (sweep, dry-run, fetch, check take it"),
+    (["report", "--seeds", "3"], "report does not take --seeds (sweep, dry-run, reference take it"),
+    (["export", "runs.csv", "--data-root", "data"], "export does not take --data-root (sweep, dry-run, fetch, check, reference take it"),
     (["list", "--quiet"], "list does not take --quiet"),
     (["publish", "--workers", "2"], "publish does not take --workers"),
     (["--smoke", "--protocols", "cifar100-10t"], "--smoke is a command now: python run_suite.py smoke"),
