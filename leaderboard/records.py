@@ -290,12 +290,24 @@ class Reproduction:
         for pub, loc in self.differing:
             out.append(f"  differs: {pub['protocol']} · {pub['backbone']} · {pub['label']} · seed "
                        f"{pub['seed']} (key {pub['key'][:12]}): FAA published "
-                       f"{pub['metrics']['faa']:.2f}, here {loc['metrics']['faa']:.2f}")
+                       f"{pub['metrics']['faa']:.2f}, here {loc['metrics']['faa']:.2f}"
+                       + _where_it_differs(pub, loc))
         if self.changed_config:
             names = sorted({f"{r['protocol']} · {r['backbone']} · {r['label']}" for r in self.changed_config})
             out.append(f"  {len(self.changed_config)} run(s) of a published default row have a new "
                        f"configuration (not compared, not published): {', '.join(names)}")
         return out
+
+
+def _where_it_differs(pub: Mapping[str, Any], loc: Mapping[str, Any]) -> str:
+    """How many accuracy-matrix entries differ, and the two devices when they are not the same: a
+    different processor can flip a near-tied prediction (floating-point kernels differ)."""
+    entries = sum(a != b for row_p, row_l in zip(pub["acc_matrix"], loc["acc_matrix"])
+                  for a, b in zip(row_p, row_l))
+    out = f"; {entries} accuracy-matrix {'entry differs' if entries == 1 else 'entries differ'}"
+    if pub.get("device") != loc.get("device"):
+        out += f"; published on {pub.get('device')}, run here on {loc.get('device')}"
+    return out
 
 
 def reproduction(local: Iterable[Mapping[str, Any]], published: Iterable[Mapping[str, Any]]

@@ -63,7 +63,8 @@ FIELDS: dict[str, str] = {
                 "changes, else the package version)",
     "backbone_sha256": "sha256 of the checkpoint ('random-init' without one)",
     "backbone_source": "where the weights came from (a file, timm's hub, or random-init)",
-    "device": "the device the run used ('cuda:0 (<GPU name>)', 'cpu')",
+    "device": "the device the run used ('cuda:0 (<GPU name>)', 'cpu (<cores> cores, <CPU model>)'; "
+              "records before 2026-12-03 say 'cpu')",
     "threads": "torch CPU threads of the run",
     "data_hash": "sha256 over the file list / split the stream used",
     "split": "ImageNet-R only: {name, sha256} of the split",

@@ -32,7 +32,7 @@ from methods import backbones, registry
 
 from .code_identity import code_identity, git_state
 from .cost import cost_row
-from .devices import resolve_device
+from .devices import device_name, resolve_device
 from .metrics import summarize, task_decomposition
 from .record import COST_FIELDS, complete_record, utc_now
 from .reference_eval import ReferenceEvaluation
@@ -343,7 +343,9 @@ def _run(spec: RunSpec, options: RunOptions, stack: contextlib.ExitStack) -> dic
     # counted after the last evaluation, on a fresh copy of the method: nothing here can touch
     # the run's numbers (the counting builds parameters, which draws from the RNG)
     cost = cost_row(spec.method, backbone.vit, info.num_classes, resolved["hparams"], device=device)
-    dev = str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+    # the processor too: numbers can differ in the last bits between CPU models (one test image of
+    # 95 published fmnist-5t runs flips between an AMD EPYC and an Intel Xeon)
+    dev = device_name(device)
     extra_s = reference.seconds if reference is not None else 0.0  # not the run's own time
     record = complete_record(
         record_identity(spec, protocol, resolved),

@@ -8,7 +8,7 @@ import pytest
 
 import run_suite
 from benchmarks.synthetic import write_fashion_mnist
-from leaderboard.records import (RecordConflict, load_published, merge, publish, reproduction)
+from leaderboard.records import (RecordConflict, Reproduction, load_published, merge, publish, reproduction)
 from leaderboard.render import render_all
 from leaderboard.store import RunStore
 from protocols.metrics import summarize
@@ -197,10 +197,23 @@ def test_reproduction_line_counts_a_planted_difference(env, capsys):
     out = capsys.readouterr().out
     assert "reproduced 1/2 published runs (max |dFAA| 2.00)" in out
     assert f"differs: tiny-5t · tiny · head_only · seed {rec['seed']}" in out
+    assert "FAA published" in out and "; 1 accuracy-matrix entry differs" in out
+    assert "published on" not in out  # same device: no device named
     # the published record, not the local run, is what the local page shows
     page = rows(tmp / "local" / "tiny-5t__tiny.md")["head_only"]
     pub = [json.loads(s)["metrics"]["faa"] for s in lines]
     assert pm(page["FAA"])[0] == pytest.approx(round(sum(pub) / 2, 2))
+
+
+def test_a_difference_names_the_two_devices():
+    """A processor of another model can flip a near-tied prediction: the line says where each ran."""
+    pub = {"protocol": "p", "backbone": "b", "label": "m", "seed": 1, "key": "k" * 64, "device": "cpu",
+           "metrics": {"faa": 77.4}, "acc_matrix": [[97.0, 59.5], [None, 62.0]]}
+    loc = {**pub, "device": "cpu (2 cores, Intel(R) Xeon(R) Processor)", "metrics": {"faa": 77.5},
+           "acc_matrix": [[97.0, 60.0], [None, 62.0]]}
+    line = Reproduction(compared=1, differing=[(pub, loc)], max_dfaa=0.1).lines()[1]
+    assert line.endswith("FAA published 77.40, here 77.50; 1 accuracy-matrix entry differs; "
+                         "published on cpu, run here on cpu (2 cores, Intel(R) Xeon(R) Processor)")
 
 
 def test_reproduction_flags_a_changed_default_configuration():
