@@ -37,15 +37,15 @@ FAST = ("methods:\n  l2p: {epochs: 1}\n  dualprompt: {epochs: 1}\n"
 
 
 def small_fmnist(tmp: Path) -> Path:
-    """Fashion-MNIST files with 12 train / 24 test images per class (labels cycling through the
+    """Fashion-MNIST files with 12 train / 8 test images per class (labels cycling through the
     classes, so the data set's order interleaves a task's classes) and a copy of fmnist-5t under
     its shipped name (so the methods' fmnist-5t defaults and reference configurations apply) that
     reads them whole, every epoch count at 1."""
-    write_fashion_mnist(tmp / "data" / "fashion-mnist", train_per_class=12, test_per_class=24)
+    write_fashion_mnist(tmp / "data" / "fashion-mnist", train_per_class=12, test_per_class=8)
     text = (ROOT / "protocols" / "fmnist-5t.yaml").read_text()
     proto = tmp / "fmnist-small.yaml"
     proto.write_text(text.replace("train_per_class: 200", "train_per_class: 12")
-                     .replace("test_per_class: 100", "test_per_class: 24") + FAST)
+                     .replace("test_per_class: 100", "test_per_class: 8") + FAST)
     return proto
 
 
