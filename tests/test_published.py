@@ -19,7 +19,8 @@ LEADERBOARD, RECORDS, PROFILES, SMOKE = (ROOT / d for d in (layout.PAGES_DIR, la
 # the README's names for the page's labels
 README_NAMES = {"joint (upper bound)": "joint", "HiDe-Prompt": "hide_prompt", "SMoPE": "smope",
                 "VQ-Prompt": "vq_prompt", "CODA-Prompt": "coda_prompt", "head_only (lower bound)": "head_only",
-                "DualPrompt": "dualprompt", "L2P": "l2p"}
+                "DualPrompt": "dualprompt", "L2P": "l2p", "NoRGa": "norga", "OVOR": "ovor", "L2P++": "l2p_pp",
+                "Deep L2P++": "deep_l2p_pp"}
 
 
 def test_the_committed_pages_are_what_the_records_render_to(tmp_path):
