@@ -1,12 +1,13 @@
 """NoRGa: the non-linear residual gate on a fixed case, the gated prefix forward against a
 hand-written reference with each image's own key/value pair, act_scale trained at task 0 only,
-the HiDe-Prompt stages, batch-size-invariant evaluation, and the published ViT-B/16 counts."""
+the HiDe-Prompt stages, and the published ViT-B/16 counts (the stream run and batch-size
+invariance of every method: test_methods.py)."""
 import math
 
 import pytest
 import torch
 
-from helpers import PROTOCOLS, assert_batch_size_invariant, hparams, make_strategy, stream, train_and_probe
+from helpers import PROTOCOLS, hparams, make_strategy, stream
 from methods import registry
 from methods.norga import NoRGaHparams, NoRGaModel, gated_prefix_attention
 from prefix_reference import meta_vit_b16, reference_cls
@@ -83,13 +84,6 @@ def test_act_scale_learns_at_task_0_only_and_stages_run(tiny):
     assert s.tap.stats.covariance == "full" and s.tap.stats.n_centroids == 1
     assert s.tii_alignment.stats.covariance == "full"
     assert s.model.class_task.tolist()[:4] == [0, 0, 1, 1]
-
-
-def test_stream_run_and_batch_size_invariance(tiny):
-    s = make_strategy("norga", tiny, epochs=1, tii_epochs=1)
-    bm = stream()
-    x = train_and_probe(s, bm, per_task=4)
-    assert_batch_size_invariant(s, x, bm.test_stream)
 
 
 def test_vit_b16_parameter_counts():

@@ -1,13 +1,13 @@
 """OVOR (OnePrompt + virtual outlier regularization): the shared prefix forward against a
 hand-written reference, the code's outlier synthesis and energy loss on fixed cases, the VOR stage
-(head only, on the continuing schedule), a stream run with batch-size-invariant evaluation, and
-the published ViT-B/16 prompt count."""
+(head only, on the continuing schedule), and the published ViT-B/16 prompt count (the stream run
+and batch-size invariance of every method: test_methods.py)."""
 import math
 
 import pytest
 import torch
 
-from helpers import PROTOCOLS, assert_batch_size_invariant, hparams, make_strategy, stream, train_and_probe
+from helpers import PROTOCOLS, hparams, make_strategy, stream
 from methods import registry
 from methods.ovor import OnePromptModel, OVORHparams, synthesize_outliers, vor_loss
 from prefix_reference import meta_vit_b16, reference_cls
@@ -110,13 +110,6 @@ def test_vor_stage_trains_only_the_head_on_the_continuing_schedule(tiny):
     s.train(bm.train_stream[0])
     assert calls == [0]
     assert s._total_iters == 2 * math.ceil(len(bm.train_stream[0].dataset) / s.hp.batch_size)
-
-
-def test_stream_run_and_batch_size_invariance(tiny):
-    s = make_strategy("ovor", tiny, epochs=1)
-    bm = stream()
-    x = train_and_probe(s, bm, per_task=4)
-    assert_batch_size_invariant(s, x, bm.test_stream)
 
 
 def test_vit_b16_prompt_count():
