@@ -9,6 +9,13 @@ from protocols.schema import available
 PROTOCOLS = available()  # every shipped protocol
 
 
+def write_tiny_5t(path, *methods: str) -> None:
+    """A 5-task Fashion-MNIST protocol on the tiny backbone named `tiny-5t` (not a shipped name, so
+    no published row is touched), every listed method (default: head_only) at one epoch."""
+    listed = "".join(f"  {m}: {{epochs: 1}}\n" for m in (methods or ("head_only",)))
+    path.write_text("name: tiny-5t\ndataset: fashion_mnist\nnum_tasks: 5\nbackbones: [tiny]\nmethods:\n" + listed)
+
+
 class Images(torch.utils.data.Dataset):
     """Per class a fixed random 28x28 template plus noise: separable by a random tiny ViT."""
 

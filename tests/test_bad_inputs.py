@@ -34,6 +34,7 @@ from leaderboard.store import RunStore
 from methods import registry
 from protocols.metrics import summarize
 from test_leaderboard_store import make_record
+from helpers import write_tiny_5t
 
 REPO = Path(__file__).resolve().parent.parent
 ROOT = os.geteuid() == 0
@@ -963,8 +964,7 @@ def env(tmp_path, monkeypatch):
     data = tmp_path / "data"
     write_fashion_mnist(data / "fashion-mnist", train_per_class=12, test_per_class=4)
     proto = tmp_path / "tiny-5t.yaml"
-    proto.write_text("name: tiny-5t\ndataset: fashion_mnist\nnum_tasks: 5\nbackbones: [tiny]\n"
-                     "methods:\n  head_only: {epochs: 1}\n")
+    write_tiny_5t(proto)
     store = tmp_path / "runs.sqlite"
     RunStore(store).put(make_record(seed=0))
     publish([make_record(seed=1)], tmp_path / "records")

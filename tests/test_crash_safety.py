@@ -20,6 +20,7 @@ import pytest
 
 import run_suite
 from benchmarks.synthetic import write_fashion_mnist
+from helpers import write_tiny_5t
 from leaderboard.store import RunStore
 from methods import registry
 
@@ -36,8 +37,7 @@ def world(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("crash")
     write_fashion_mnist(tmp / "data" / "fashion-mnist", train_per_class=12, test_per_class=4)
     proto = tmp / "tiny-5t.yaml"
-    proto.write_text("name: tiny-5t\ndataset: fashion_mnist\nnum_tasks: 5\nbackbones: [tiny]\n"
-                     "methods:\n  head_only: {epochs: 1}\n  smope: {epochs: 1}\n")
+    write_tiny_5t(proto, "head_only", "smope")
     proc = subprocess.run(sweep(tmp, "reference"), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     # quiet by default: with no terminal, one line per run between the plan and the summary, and

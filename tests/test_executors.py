@@ -16,6 +16,7 @@ from protocols import executors
 from protocols.errors import ExecutorError
 from protocols.executors import RunFailure
 from protocols.runner import RunOptions, RunSpec
+from helpers import write_tiny_5t
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -45,8 +46,7 @@ def env(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("executors")
     write_fashion_mnist(tmp / "data" / "fashion-mnist", train_per_class=12, test_per_class=4)
     proto = tmp / "tiny-5t.yaml"
-    proto.write_text("name: tiny-5t\ndataset: fashion_mnist\nnum_tasks: 5\nbackbones: [tiny]\n"
-                     "methods:\n  head_only: {epochs: 1}\n  smope: {epochs: 1}\n")
+    write_tiny_5t(proto, "head_only", "smope")
     (tmp / "exec_plugin.py").write_text(PLUGIN)
     options = RunOptions(data_root=str(tmp / "data"), quiet=True, threads=1)
     specs = [RunSpec(str(proto), "tiny", m, 0) for m in ("head_only", "smope")]

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.synthetic import write_fashion_mnist
+from helpers import write_tiny_5t
 
 ROOT = Path(__file__).resolve().parent.parent
 #: what a copy of a checkout leaves out: version control, environments, local results and data
@@ -65,8 +66,7 @@ def test_a_wheel_install_writes_only_into_the_working_directory(tmp_path):
 
     write_fashion_mnist(tmp_path / "data" / "fashion-mnist", train_per_class=6, test_per_class=2)
     proto = tmp_path / "tiny-5t.yaml"
-    proto.write_text("name: tiny-5t\ndataset: fashion_mnist\nnum_tasks: 5\nbackbones: [tiny]\n"
-                     "methods:\n  head_only: {epochs: 1}\n")
+    write_tiny_5t(proto)
     suite = [str(python), "-I", "-m", "run_suite"]  # -I: the working directory is not on sys.path
     store = ["--store", str(tmp_path / "scratch.sqlite")]
     run([*suite, "--protocols", str(proto), "--methods", "head_only", "--seeds", "1", "--data-root",

@@ -36,6 +36,7 @@ from protocols.runner import RunSpec, run_key, seed_keys, spec_key
 from protocols.sweep import SweepRequest, configurations, keyed, seeds_to_run, plan
 from test_leaderboard_store import make_record
 from test_profile import _record as profile_record
+from helpers import write_tiny_5t
 
 REPO = Path(__file__).resolve().parent.parent
 RECORDS = REPO / "leaderboard" / "records"
@@ -112,8 +113,7 @@ def test_a_sweep_seals_what_it_stores_and_publish_keeps_the_seal(tmp_path, capsy
     data = tmp_path / "data"
     write_fashion_mnist(data / "fashion-mnist", train_per_class=12, test_per_class=4)
     proto = tmp_path / "tiny-5t.yaml"
-    proto.write_text("name: tiny-5t\ndataset: fashion_mnist\nnum_tasks: 5\nbackbones: [tiny]\n"
-                     "methods:\n  head_only: {epochs: 1}\n")
+    write_tiny_5t(proto)
     store = tmp_path / "runs.sqlite"
     code, _, err = cli("--protocols", str(proto), "--data-root", str(data), "--store", str(store),
                        "--records-dir", str(tmp_path / "records"), "--methods", "head_only", "--seeds", "1",

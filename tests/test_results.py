@@ -13,6 +13,7 @@ from leaderboard.render import render_all
 from leaderboard.store import RunStore
 from protocols.metrics import summarize
 from protocols.record import seal_record
+from helpers import write_tiny_5t
 from test_leaderboard_render import parse_tables, pm
 from test_leaderboard_stats import recs_for
 from test_leaderboard_store import make_record
@@ -103,8 +104,7 @@ def test_pages_survive_other_sweeps_and_report_is_stable(env, capsys):
     # a sweep of one method into a fresh store: the committed pages are left byte for byte; the
     # local pages show its run beside them
     proto = tmp / "tiny-5t.yaml"
-    proto.write_text("name: tiny-5t\ndataset: fashion_mnist\nnum_tasks: 5\nbackbones: [tiny]\n"
-                     "methods:\n  head_only: {epochs: 1}\n")
+    write_tiny_5t(proto)
     assert run_suite.main(args + ["--protocols", str(proto), "--methods", "head_only", "--seeds", "1",
                                   "--store", str(tmp / "fresh.sqlite")]) == 0
     assert snapshot(tmp / "lb") == first
@@ -176,8 +176,7 @@ def test_publish_merges_a_store_from_elsewhere_through_the_cli(env, capsys):
 def test_reproduction_line_counts_a_planted_difference(env, capsys):
     tmp, args = env
     proto = tmp / "tiny-5t.yaml"
-    proto.write_text("name: tiny-5t\ndataset: fashion_mnist\nnum_tasks: 5\nbackbones: [tiny]\n"
-                     "methods:\n  head_only: {epochs: 1}\n")
+    write_tiny_5t(proto)
     sweep = args + ["--protocols", str(proto), "--methods", "head_only", "--seeds", "2"]
     assert run_suite.main(sweep) == 0
     assert run_suite.main(["publish", *page_options(tmp)]) == 0

@@ -10,6 +10,7 @@ from benchmarks.synthetic import write_fashion_mnist
 from leaderboard.store import RunStore
 from protocols import executors, record, runner
 from protocols.metrics import summarize
+from helpers import write_tiny_5t
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -19,8 +20,7 @@ def env(tmp_path):
     """A data root with 12 train / 4 test images per class and a 5-task protocol over it."""
     write_fashion_mnist(tmp_path / "data" / "fashion-mnist", train_per_class=12, test_per_class=4)
     proto = tmp_path / "tiny-5t.yaml"
-    proto.write_text("name: tiny-5t\ndataset: fashion_mnist\nnum_tasks: 5\nbackbones: [tiny]\n"
-                     "methods:\n  head_only: {epochs: 1}\n  joint: {epochs: 1}\n")
+    write_tiny_5t(proto, "head_only", "joint")
     args = ["--protocols", str(proto), "--data-root", str(tmp_path / "data"),
             "--store", str(tmp_path / "runs.sqlite"), "--leaderboard-dir", str(tmp_path / "lb"),
             "--local-leaderboard-dir", str(tmp_path / "local"), "--quiet", "--workers", "1"]
